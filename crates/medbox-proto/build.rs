@@ -1,0 +1,24 @@
+//! Compiles `proto/` with protox (pure Rust, so no `protoc` is needed) and
+//! keeps the encoded descriptor set for server reflection.
+use std::path::PathBuf;
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    println!("cargo:rerun-if-changed={}", proto_root.display());
+
+    let files = ["medbox/v1/inference.proto", "medbox/v1/admin.proto"];
+    let descriptors = protox::compile(files, [&proto_root])?;
+
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("medbox_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

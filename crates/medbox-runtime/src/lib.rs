@@ -1,0 +1,171 @@
+//! medbox's model runtime: decoder models on tch (libtorch), their tokenizer,
+//! sampling, and the engine thread that serves one model.
+//!
+//! # Module map
+//! - `config`: the public `DType` and `Device`, and the serde view of a
+//!   checkpoint's `config.json` / `generation_config.json` /
+//!   `tokenizer_config.json` (transformers 4.x and 5.x keys alike).
+//! - `weights`: safetensors reading, single file or sharded index.
+//! - `model`: the decoder (`RmsNorm`, `RotaryEmbedding`, `KvCache`,
+//!   `Attention`, `Mlp`, `Block`, `Model`), one implementation driven by
+//!   config for Llama, Mistral, Qwen2 and Qwen3.
+//! - `loader`: a model folder → checked model, tokenizer and `ModelInfo`.
+//! - `validation`: `GenerateRequest` → `ValidGenerateRequest`.
+//! - `sampling`, `detokenize`, `stop`: token choice, UTF-8-safe incremental
+//!   decoding and stop-string hold-back, all plain Rust and unit-tested
+//!   without a model.
+//! - `engine`: the `Engine` handle, its thread and the per-request
+//!   `GenerationStream`.
+//! - `debug`: a small hidden entry point the parity tests use to read logits.
+//!
+//! # Invariants
+//! - **Architecture Invariant:** tensors never leave the engine thread that
+//!   loaded them; handles, requests and events carry only ids and strings.
+//! - Every forward pass runs under `tch::no_grad_guard()` and uses the
+//!   fallible `f_*` ops, so a tensor error fails one request, not the process.
+//! - Dtype and device are chosen once, at load; unsupported configs are
+//!   rejected then, with the file at fault named.
+//! - The engine accepts only `ValidGenerateRequest`, which only
+//!   `Engine::validate` makes.
+//! - A sequence whose `GenerationStream` is dropped is removed before the
+//!   engine's next step. The engine never blocks on a client: each request's
+//!   event channel holds all of its events.
+//! - Streamed text never contains part of a stop string nor half a UTF-8
+//!   character; joining the deltas gives the full answer.
+//! - **API Boundary:** this crate knows nothing of gRPC, SQL or serialisation;
+//!   its public types are not `Serialize`.
+//!
+//! # Testing
+//! `source scripts/env.sh && cargo test --release -p medbox-runtime`. The
+//! integration tests (`tests/it`) build the tiny model with
+//! `scripts/make-tiny-model` (cached in `$MEDBOX_CACHE/models`) and compare
+//! logits and greedy tokens with transformers through `tests/it/reference.py`.
+
+mod config;
+mod detokenize;
+mod engine;
+mod error;
+mod loader;
+mod model;
+mod sampling;
+mod stop;
+mod validation;
+mod weights;
+
+use std::path::PathBuf;
+
+pub use config::{Architecture, DType, Device};
+pub use engine::{
+    Engine, FinishReason, GenerationEvent, GenerationStream, MAX_WAITING_LIMIT, Token, Usage,
+};
+pub use error::{EngineError, LoadError, RuntimeError, ValidationError};
+pub use validation::{GenerateRequest, SamplingParams, ValidGenerateRequest};
+
+/// How to start an engine for one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// The name requests route by, used in messages.
+    pub name: String,
+    /// A Hugging Face style folder (`config.json`, `*.safetensors`, `tokenizer.json`).
+    pub path: PathBuf,
+    /// `None`: the checkpoint's own dtype (f32 when it names none).
+    pub dtype: Option<DType>,
+    pub device: Device,
+    /// Requests that may wait while the engine is busy; more get
+    /// `EngineError::QueueFull`. With 0, a request is accepted only when the
+    /// engine is idle and waiting for work. Capped at `MAX_WAITING_LIMIT`.
+    pub max_waiting: usize,
+}
+
+/// What a loaded model is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    /// The `architectures` entry of `config.json`, e.g. `LlamaForCausalLM`.
+    pub architecture: String,
+    pub vocab_size: usize,
+    /// Prompt plus generated tokens, at most.
+    pub max_context: usize,
+    pub dtype: DType,
+    pub device: Device,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Test support: logits straight from the decoder, for parity checks against
+/// transformers. Not part of the stable API.
+#[doc(hidden)]
+pub mod debug {
+    use std::path::Path;
+
+    use crate::{DType, Device, LoadError, RuntimeError, loader};
+
+    /// Loads the model in `path` on the calling thread and returns the logits
+    /// of every position of `ids` (one row of `vocab_size` per token),
+    /// feeding the ids through the KV cache `chunk` tokens at a time
+    /// (`chunk == ids.len()`: one prefill; `1`: token by token).
+    pub fn prompt_logits(
+        path: &Path,
+        dtype: DType,
+        device: Device,
+        ids: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<Vec<f32>>, DebugError> {
+        let _no_grad = tch::no_grad_guard();
+        let loaded = loader::load("debug", path, Some(dtype), device)?;
+        let mut cache = loaded.model.new_cache();
+        let mut rows = Vec::with_capacity(ids.len());
+        for piece in ids.chunks(chunk.max(1)) {
+            let logits = loaded
+                .model
+                .forward(piece, &mut cache, piece.len())
+                .map_err(RuntimeError::from)?;
+            let logits: Vec<Vec<f32>> =
+                Vec::<Vec<f32>>::try_from(&logits).map_err(RuntimeError::from)?;
+            rows.extend(logits);
+        }
+        Ok(rows)
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum DebugError {
+        #[error(transparent)]
+        Load(#[from] LoadError),
+        #[error(transparent)]
+        Runtime(#[from] RuntimeError),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn handles_cross_threads() {
+        assert_send_sync::<Engine>();
+        assert_send_sync::<ModelInfo>();
+        assert_send::<GenerationStream>();
+        assert_send::<ValidGenerateRequest>();
+        assert_send::<GenerationEvent>();
+    }
+
+    #[test]
+    fn finish_reasons_and_error_kinds() {
+        let reasons = [
+            FinishReason::Stop,
+            FinishReason::Length,
+            FinishReason::Cancelled,
+        ];
+        let names: Vec<&str> = reasons.iter().map(|reason| reason.as_str()).collect();
+        assert_eq!(names, ["stop", "length", "cancelled"]);
+        let stopped = EngineError::Stopped {
+            model: "tiny".into(),
+        };
+        assert_eq!(
+            (stopped.kind(), stopped.to_string().as_str()),
+            ("stopped", "model `tiny` is stopped")
+        );
+    }
+}

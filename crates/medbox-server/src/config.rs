@@ -1,0 +1,423 @@
+//! The appliance's one TOML file, with every key overridable from the
+//! environment as `MEDBOX__SECTION__KEY` (for example
+//! `MEDBOX__STORAGE__DATA_DIR=/srv/medbox`).
+//!
+//! Relative paths are resolved against the working directory of `medboxd`
+//! (the systemd unit sets it to the data directory's parent).
+//! Unknown keys are refused, so that a typo never silently falls back to a
+//! default.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use medbox_runtime::{DType, Device};
+use serde::Deserialize;
+
+/// Everything `medboxd` reads at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC, health checking and reflection.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// How long in-flight requests may run on after SIGTERM before they are cut.
+    #[serde(default = "default_shutdown_grace_seconds")]
+    pub shutdown_grace_seconds: u64,
+    /// Log format: "text" (for people) or "json" (one object per line, for collectors).
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            shutdown_grace_seconds: default_shutdown_grace_seconds(),
+            log_format: default_log_format(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:50051".to_owned()
+}
+
+fn default_shutdown_grace_seconds() -> u64 {
+    15
+}
+
+fn default_log_format() -> String {
+    "text".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `medbox.db` (SQLite) and the box's files live here.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Optional `postgres://` URL; when set, PostgreSQL replaces the SQLite file.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: default_data_dir(),
+            url: None,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+/// One `[[models]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    /// A Hugging Face style folder, as `save_pretrained` writes it.
+    pub path: PathBuf,
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// `f32`, `bf16` or `f16`; default: the checkpoint's.
+    #[serde(default)]
+    pub dtype: Option<String>,
+    /// `cpu` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Requests that may wait for this model's engine before new ones are refused.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
+}
+
+fn default_kind() -> String {
+    ModelKind::CausalLm.as_str().to_owned()
+}
+
+fn default_device() -> String {
+    "cpu".to_owned()
+}
+
+fn default_max_waiting() -> usize {
+    64
+}
+
+/// What a `[[models]]` entry serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    CausalLm,
+    Embedding,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::CausalLm => "causal-lm",
+            ModelKind::Embedding => "embedding",
+        }
+    }
+}
+
+/// A `[[models]]` entry after its strings were checked.
+#[derive(Debug, Clone)]
+pub struct ValidModelConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub kind: ModelKind,
+    pub aliases: Vec<String>,
+    pub dtype: Option<DType>,
+    pub device: Device,
+    pub max_waiting: usize,
+}
+
+/// Why the configuration cannot be used; each message names the key or path at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("configuration: {0}")]
+    Parse(String),
+    #[error("server.listen: `{value}` is not an address such as 127.0.0.1:50051")]
+    BadListen { value: String },
+    #[error("server.log_format: `{value}` is not one of text, json")]
+    BadLogFormat { value: String },
+    #[error("models[{index}].name must not be empty")]
+    EmptyModelName { index: usize },
+    #[error(
+        "models[{index}] (`{name}`): the name or alias `{alias}` is already used by another model"
+    )]
+    DuplicateName {
+        index: usize,
+        name: String,
+        alias: String,
+    },
+    #[error("models[{index}] (`{name}`).kind: `{value}` is not one of causal-lm, embedding")]
+    BadKind {
+        index: usize,
+        name: String,
+        value: String,
+    },
+    #[error("models[{index}] (`{name}`).dtype: {reason}")]
+    BadDType {
+        index: usize,
+        name: String,
+        reason: String,
+    },
+    #[error("models[{index}] (`{name}`).device: {reason}")]
+    BadDevice {
+        index: usize,
+        name: String,
+        reason: String,
+    },
+    #[error("models[{index}] (`{name}`).path: {path} is not a model folder (no config.json there)")]
+    MissingModelFolder {
+        index: usize,
+        name: String,
+        path: PathBuf,
+    },
+    #[error("models[{index}] (`{name}`).max_waiting must be at least 1")]
+    ZeroMaxWaiting { index: usize, name: String },
+}
+
+impl Config {
+    /// Reads the optional TOML file, then the `MEDBOX__SECTION__KEY` environment overrides.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Unreadable {
+                path: path.to_owned(),
+                reason: err.to_string(),
+            })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        let env_map: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("MEDBOX__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("MEDBOX")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        let merged = builder
+            .build()
+            .map_err(|err| ConfigError::Parse(err.to_string()))?;
+        merged
+            .try_deserialize()
+            .map_err(|err| ConfigError::Parse(err.to_string()))
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|_| ConfigError::BadListen {
+                value: self.server.listen.clone(),
+            })
+    }
+
+    /// Checks every `[[models]]` entry; the first fault found is returned.
+    pub fn valid_models(&self) -> Result<Vec<ValidModelConfig>, ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut valid = Vec::with_capacity(self.models.len());
+        for (index, model) in self.models.iter().enumerate() {
+            let name = model.name.clone();
+            if name.trim().is_empty() {
+                return Err(ConfigError::EmptyModelName { index });
+            }
+            for alias in std::iter::once(&model.name).chain(&model.aliases) {
+                if !seen.insert(alias.clone()) {
+                    return Err(ConfigError::DuplicateName {
+                        index,
+                        name,
+                        alias: alias.clone(),
+                    });
+                }
+            }
+            let kind = match model.kind.as_str() {
+                "causal-lm" => ModelKind::CausalLm,
+                "embedding" => ModelKind::Embedding,
+                other => {
+                    return Err(ConfigError::BadKind {
+                        index,
+                        name,
+                        value: other.to_owned(),
+                    });
+                }
+            };
+            let dtype = match &model.dtype {
+                None => None,
+                Some(text) => Some(text.parse::<DType>().map_err(|err| ConfigError::BadDType {
+                    index,
+                    name: name.clone(),
+                    reason: err.to_string(),
+                })?),
+            };
+            let device = model
+                .device
+                .parse::<Device>()
+                .map_err(|err| ConfigError::BadDevice {
+                    index,
+                    name: name.clone(),
+                    reason: err.to_string(),
+                })?;
+            if !model.path.join("config.json").is_file() {
+                return Err(ConfigError::MissingModelFolder {
+                    index,
+                    name,
+                    path: model.path.clone(),
+                });
+            }
+            if model.max_waiting == 0 {
+                return Err(ConfigError::ZeroMaxWaiting { index, name });
+            }
+            valid.push(ValidModelConfig {
+                name,
+                path: model.path.clone(),
+                kind,
+                aliases: model.aliases.clone(),
+                dtype,
+                device,
+                max_waiting: model.max_waiting,
+            });
+        }
+        Ok(valid)
+    }
+
+    /// Checks what can be checked without binding ports or opening files for writing.
+    pub fn validate(&self) -> Result<Vec<ValidModelConfig>, ConfigError> {
+        self.listen_addr()?;
+        if !matches!(self.server.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::BadLogFormat {
+                value: self.server.log_format.clone(),
+            });
+        }
+        self.valid_models()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("medbox.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load_with_env(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_apply_when_the_file_is_empty() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:50051");
+        assert_eq!(config.storage.data_dir, PathBuf::from("./data"));
+        assert!(config.storage.url.is_none());
+        assert!(config.models.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = load(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[storage]\ndata_dir = \"/a\"\n",
+            &[
+                ("MEDBOX__SERVER__LISTEN", "127.0.0.1:2"),
+                ("MEDBOX__STORAGE__DATA_DIR", "/b"),
+                ("OTHER__SERVER__LISTEN", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:2");
+        assert_eq!(config.storage.data_dir, PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load("[server]\nlisten_addr = \"x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        let err = load("[sever]\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("sever"), "{err}");
+    }
+
+    #[test]
+    fn model_faults_name_the_entry_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let folder = dir.path().display().to_string();
+        let check = |body: &str, expect: &str| {
+            let config = load(body, &[]).unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(expect), "{err} should contain {expect}");
+        };
+        check(
+            "[[models]]\nname = \"a\"\npath = \"/no/such/folder\"\n",
+            "models[0] (`a`).path: /no/such/folder",
+        );
+        check(
+            &format!("[[models]]\nname = \"a\"\npath = \"{folder}\"\nkind = \"vision\"\n"),
+            "models[0] (`a`).kind",
+        );
+        check(
+            &format!("[[models]]\nname = \"a\"\npath = \"{folder}\"\ndtype = \"f64\"\n"),
+            "models[0] (`a`).dtype",
+        );
+        check(
+            &format!("[[models]]\nname = \"a\"\npath = \"{folder}\"\ndevice = \"tpu\"\n"),
+            "models[0] (`a`).device",
+        );
+        check(
+            &format!(
+                "[[models]]\nname = \"a\"\npath = \"{folder}\"\n[[models]]\nname = \"b\"\npath = \"{folder}\"\naliases = [\"a\"]\n"
+            ),
+            "models[1] (`b`): the name or alias `a`",
+        );
+        check("[server]\nlisten = \"nowhere\"\n", "server.listen");
+    }
+
+    #[test]
+    fn a_good_model_entry_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let body = format!(
+            "[[models]]\nname = \"tiny\"\npath = \"{}\"\naliases = [\"medical\"]\ndtype = \"bf16\"\n",
+            dir.path().display()
+        );
+        let models = load(&body, &[]).unwrap().validate().unwrap();
+        assert_eq!(models[0].name, "tiny");
+        assert_eq!(models[0].aliases, vec!["medical".to_owned()]);
+        assert_eq!(models[0].kind, ModelKind::CausalLm);
+        assert_eq!(models[0].dtype, Some(DType::BF16));
+    }
+}

@@ -1,0 +1,18 @@
+//! `medboxd`: the appliance's gRPC server.
+//!
+//! The only crate that reads configuration files and the environment and the
+//! only one that sees generated proto types (with `medboxctl`). It routes each
+//! request by model name or alias to the runtime engine that holds it, and
+//! writes every RPC to the store's request log. It holds no model math and no
+//! SQL.
+
+mod admin;
+pub mod config;
+mod error;
+mod inference;
+mod request_log;
+mod router;
+mod server;
+mod state;
+
+pub use server::{RunningServer, ServeError, StartError, start};

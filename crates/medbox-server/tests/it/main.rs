@@ -1,0 +1,252 @@
+//! medboxd in-process: the real server on 127.0.0.1:0 with the tiny model,
+//! reached through the generated Rust client.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::Duration,
+};
+
+use medbox_proto::v1::{self as pb, admin_client::AdminClient, inference_client::InferenceClient};
+use medbox_server::{RunningServer, config::Config};
+use tonic::{Code, transport::Channel};
+
+/// The tiny model folder, made once by the project's script (idempotent).
+fn tiny_model() -> &'static Path {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let cache = std::env::var_os("MEDBOX_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("medbox-test-cache"));
+        let out = cache.join("models/tiny");
+        let status = Command::new("python3")
+            .arg(root.join("scripts/make-tiny-model"))
+            .arg(&out)
+            .status()
+            .expect("python3 runs scripts/make-tiny-model (source scripts/env.sh)");
+        assert!(status.success(), "scripts/make-tiny-model failed");
+        out
+    })
+}
+
+struct TestServer {
+    server: RunningServer,
+    channel: Channel,
+    _data: tempfile::TempDir,
+}
+
+fn config_text(data_dir: &Path, extra_models: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_seconds = 20\n\
+         [storage]\ndata_dir = \"{}\"\n\
+         [[models]]\nname = \"tiny\"\npath = \"{}\"\naliases = [\"medical\"]\n{extra_models}",
+        data_dir.display(),
+        tiny_model().display()
+    )
+}
+
+fn load_config(text: &str, dir: &Path) -> Config {
+    let path = dir.join("medbox.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load_with_env(Some(&path), Vec::new()).unwrap()
+}
+
+async fn start(extra_models: &str) -> TestServer {
+    let data = tempfile::tempdir().unwrap();
+    let config = load_config(
+        &config_text(&data.path().join("data"), extra_models),
+        data.path(),
+    );
+    let server = medbox_server::start(config).await.expect("medboxd starts");
+    let channel = Channel::from_shared(format!("http://{}", server.local_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let test = TestServer {
+        server,
+        channel,
+        _data: data,
+    };
+    test.wait_until_loaded().await;
+    test
+}
+
+impl TestServer {
+    fn inference(&self) -> InferenceClient<Channel> {
+        InferenceClient::new(self.channel.clone())
+    }
+
+    async fn wait_until_loaded(&self) {
+        let mut admin = AdminClient::new(self.channel.clone());
+        for _ in 0..600 {
+            let models = admin
+                .list_models(pb::ListModelsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .models;
+            if models.iter().all(|model| model.state != "loading") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("models still loading after 60 s");
+    }
+}
+
+fn greedy(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: "tiny".into(),
+        prompt: prompt.into(),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_stream_and_unary_agree() {
+    let test = start("").await;
+    let mut client = test.inference();
+    let request = greedy("Blood pressure 150/95 mmHg; advice:", 24);
+    let unary = client.generate(request.clone()).await.unwrap().into_inner();
+    assert_eq!(unary.token_ids.len(), 24);
+    assert_eq!(unary.finish_reason, "length");
+    assert_eq!(unary.usage.unwrap().completion_tokens, 24);
+
+    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    let mut last = None;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        text.push_str(&chunk.text);
+        ids.extend(chunk.token_ids.iter().copied());
+        last = Some(chunk);
+    }
+    assert_eq!(text, unary.text);
+    assert_eq!(ids, unary.token_ids);
+    assert_eq!(last.unwrap().finish_reason, "length");
+    test.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_what_is_at_fault() {
+    let test = start("").await;
+    let mut client = test.inference();
+    let check = |status: tonic::Status, code: Code, needle: &str| {
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{status:?} should name {needle}"
+        );
+    };
+    let mut unknown = greedy("hi", 4);
+    unknown.model = "cardiology-70b".into();
+    check(
+        client.generate(unknown).await.unwrap_err(),
+        Code::NotFound,
+        "cardiology-70b",
+    );
+    check(
+        client.generate(greedy("", 4)).await.unwrap_err(),
+        Code::InvalidArgument,
+        "prompt",
+    );
+    check(
+        client.generate(greedy("hi", 10_000_000)).await.unwrap_err(),
+        Code::InvalidArgument,
+        "max_tokens",
+    );
+    let mut no_model = greedy("hi", 4);
+    no_model.model.clear();
+    check(
+        client.generate(no_model).await.unwrap_err(),
+        Code::InvalidArgument,
+        "model",
+    );
+    test.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_model_fails_alone() {
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(
+        broken.path().join("config.json"),
+        r#"{"architectures": ["GPT9000ForCausalLM"], "model_type": "gpt9000"}"#,
+    )
+    .unwrap();
+    let extra = format!(
+        "[[models]]\nname = \"broken\"\npath = \"{}\"\n",
+        broken.path().display()
+    );
+    let test = start(&extra).await;
+    let models = test
+        .inference()
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let states: Vec<_> = models
+        .iter()
+        .map(|m| (m.name.as_str(), m.state.as_str()))
+        .collect();
+    assert_eq!(states, [("tiny", "ready"), ("broken", "failed")]);
+    assert!(!models[1].error.is_empty());
+
+    let mut request = greedy("hi", 4);
+    request.model = "broken".into();
+    let status = test.inference().generate(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("broken"));
+    // The healthy model keeps serving.
+    test.inference().generate(greedy("hi", 4)).await.unwrap();
+    test.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_is_named() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\ndata_dir = \"{}\"\n",
+        dir.path().display()
+    );
+    let err = match medbox_server::start(load_config(&text, dir.path())).await {
+        Ok(_) => panic!("start must fail on a port in use"),
+        Err(err) => err.to_string(),
+    };
+    assert!(
+        err.contains("server.listen") && err.contains(&port.to_string()),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_inflight_stream_finish() {
+    let test = start("").await;
+    let mut stream = test
+        .inference()
+        .generate_stream(greedy("Follow-up plan:", 200))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let mut count = first.token_ids.len();
+    let shutdown = tokio::spawn(test.server.shutdown());
+    let mut finish = String::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        count += chunk.token_ids.len();
+        finish = chunk.finish_reason;
+    }
+    assert_eq!((count, finish.as_str()), (200, "length"));
+    shutdown.await.unwrap().unwrap();
+}

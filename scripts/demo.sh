@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The newcomer's first command: sets everything up, makes the tiny model,
+# starts medboxd on its embedded defaults (SQLite in ./data, 127.0.0.1:50051)
+# and shows it answering through medboxctl. Stops it cleanly at the end;
+# `scripts/demo.sh --keep` leaves it running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+keep=0
+[ "${1:-}" = "--keep" ] && keep=1
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+scripts/setup.sh
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+
+log "making the tiny medical model (once; reused from $MEDBOX_CACHE/models/tiny)"
+scripts/make-tiny-model "$MEDBOX_CACHE/models/tiny"
+mkdir -p models
+ln -sfn "$MEDBOX_CACHE/models/tiny" models/tiny
+
+addr=127.0.0.1:50051
+ctl() { target/release/medboxctl --addr "$addr" "$@"; }
+if ctl status >/dev/null 2>&1; then
+  echo "demo: something already answers on $addr (a medboxd left running?); stop it first" >&2
+  exit 1
+fi
+
+log "starting medboxd (log: data/medboxd.log)"
+mkdir -p data
+target/release/medboxd --config deploy/medbox.demo.toml > data/medboxd.log 2>&1 &
+pid=$!
+stop() {
+  if kill -0 "$pid" 2>/dev/null; then
+    log "stopping medboxd (SIGTERM)"
+    kill -TERM "$pid"
+    wait "$pid" && log "medboxd exited cleanly"
+  fi
+}
+[ "$keep" = 1 ] || trap stop EXIT
+
+for _ in $(seq 1 300); do
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "demo: medboxd exited; its log:" >&2; cat data/medboxd.log >&2; exit 1
+  fi
+  if ctl --json status 2>/dev/null | grep -q '"state":"ready"'; then break; fi
+  sleep 0.2
+done
+
+log "medboxctl status"
+ctl status
+log "medboxctl generate --model medical (streamed as it is generated)"
+ctl generate --model medical --max-tokens 64 --temperature 0.7 --seed 7 "Discharge advice for a patient with hypertension:"
+ctl generate --model medical --max-tokens 48 --temperature 0 "血常规提示白细胞升高，"
+
+if [ "$keep" = 1 ]; then
+  log "medboxd keeps running as pid $pid on $addr; try: target/release/medboxctl generate --model medical \"...\""
+fi
