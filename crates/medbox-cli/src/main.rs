@@ -70,6 +70,28 @@ enum Command {
         stop: Vec<String>,
         prompt: String,
     },
+    /// Talk with a model, turn by turn: each line you type is a user turn;
+    /// an empty line or Ctrl-D ends the conversation.
+    Chat {
+        #[arg(long)]
+        model: String,
+        /// A system message that opens the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        #[arg(long)]
+        temperature: Option<f32>,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Embed texts with an embedding model (one vector per text).
+    Embed {
+        #[arg(long)]
+        model: String,
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
     /// Show how a model's tokenizer splits a text.
     Tokenize {
         #[arg(long)]
@@ -193,6 +215,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             generate(&client, request, cli.json).await
         }
+        Command::Chat {
+            model,
+            system,
+            max_tokens,
+            temperature,
+            seed,
+        } => {
+            let sampling = pb::SamplingParams {
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: *seed,
+                ..Default::default()
+            };
+            chat(&client, model, system.as_deref(), sampling, cli.json).await
+        }
+        Command::Embed { model, texts } => embed(&client, model, texts, cli.json).await,
         Command::Tokenize { model, text } => tokenize(&client, model, text, cli.json).await,
     }
 }
@@ -375,6 +413,131 @@ async fn tokenize(client: &Client, model: &str, text: &str, as_json: bool) -> an
             println!("{:>8}  {:?}", token.id, token.text);
         }
         eprintln!("[{} tokens]", tokens.len());
+    }
+    Ok(())
+}
+
+async fn chat(
+    client: &Client,
+    model: &str,
+    system: Option<&str>,
+    sampling: pb::SamplingParams,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    let mut inference = pb::inference_client::InferenceClient::new(client.channel.clone());
+    let mut messages: Vec<pb::ChatMessage> = system
+        .map(|content| pb::ChatMessage {
+            role: "system".into(),
+            content: content.into(),
+        })
+        .into_iter()
+        .collect();
+    let interactive = std::io::stdin().is_terminal() && !as_json;
+    let mut lines = std::io::stdin().lock().lines();
+    loop {
+        if interactive {
+            eprint!("you> ");
+        }
+        let Some(line) = lines.next().transpose()? else {
+            break;
+        };
+        let line = line.trim().to_owned();
+        if line.is_empty() {
+            break;
+        }
+        messages.push(pb::ChatMessage {
+            role: "user".into(),
+            content: line,
+        });
+        let request = pb::ChatRequest {
+            model: model.to_owned(),
+            messages: messages.clone(),
+            sampling: Some(sampling.clone()),
+            request_id: String::new(),
+        };
+        let mut stream = inference
+            .chat_stream(client.request(request))
+            .await
+            .map_err(grpc_error)?
+            .into_inner();
+        let mut stdout = std::io::stdout().lock();
+        let (mut answer, mut reasoning, mut finish_reason) =
+            (String::new(), String::new(), String::new());
+        let mut usage = pb::Usage::default();
+        if interactive {
+            eprint!("{model}> ");
+        }
+        while let Some(chunk) = stream.message().await.map_err(grpc_error)? {
+            if !as_json {
+                if !chunk.reasoning_text.is_empty() {
+                    // Thinking goes to stderr, dimmed, so stdout holds only answers.
+                    eprint!("\x1b[2m{}\x1b[0m", chunk.reasoning_text);
+                }
+                stdout.write_all(chunk.text.as_bytes())?;
+                stdout.flush()?;
+            }
+            answer.push_str(&chunk.text);
+            reasoning.push_str(&chunk.reasoning_text);
+            if !chunk.finish_reason.is_empty() {
+                finish_reason = chunk.finish_reason;
+                usage = chunk.usage.unwrap_or_default();
+            }
+        }
+        if as_json {
+            println!(
+                "{}",
+                json!({
+                    "text": answer,
+                    "reasoning_text": reasoning,
+                    "finish_reason": finish_reason,
+                    "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+                })
+            );
+        } else {
+            writeln!(stdout)?;
+        }
+        messages.push(pb::ChatMessage {
+            role: "assistant".into(),
+            content: answer,
+        });
+    }
+    Ok(())
+}
+
+async fn embed(
+    client: &Client,
+    model: &str,
+    texts: &[String],
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut inference = pb::inference_client::InferenceClient::new(client.channel.clone());
+    let reply = inference
+        .embed(client.request(pb::EmbedRequest {
+            model: model.to_owned(),
+            texts: texts.to_vec(),
+            request_id: String::new(),
+        }))
+        .await
+        .map_err(grpc_error)?
+        .into_inner();
+    for (text, embedding) in texts.iter().zip(&reply.embeddings) {
+        if as_json {
+            println!("{}", json!({"text": text, "values": embedding.values}));
+        } else {
+            let head: Vec<String> = embedding
+                .values
+                .iter()
+                .take(6)
+                .map(|v| format!("{v:+.4}"))
+                .collect();
+            println!(
+                "{:>4} dims  [{} …]  {}",
+                embedding.values.len(),
+                head.join(" "),
+                text
+            );
+        }
     }
     Ok(())
 }

@@ -33,6 +33,9 @@ pub struct ServerConfig {
     /// gRPC, health checking and reflection.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Prometheus `/metrics` over plain HTTP; "" turns it off.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: String,
     /// How long in-flight requests may run on after SIGTERM before they are cut.
     #[serde(default = "default_shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
@@ -45,6 +48,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: default_listen(),
+            metrics_listen: default_metrics_listen(),
             shutdown_grace_seconds: default_shutdown_grace_seconds(),
             log_format: default_log_format(),
         }
@@ -53,6 +57,10 @@ impl Default for ServerConfig {
 
 fn default_listen() -> String {
     "127.0.0.1:50051".to_owned()
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".to_owned()
 }
 
 fn default_shutdown_grace_seconds() -> u64 {
@@ -158,6 +166,10 @@ pub enum ConfigError {
     Parse(String),
     #[error("server.listen: `{value}` is not an address such as 127.0.0.1:50051")]
     BadListen { value: String },
+    #[error(
+        "server.metrics_listen: `{value}` is not an address such as 127.0.0.1:9464 (or \"\" for none)"
+    )]
+    BadMetricsListen { value: String },
     #[error("server.log_format: `{value}` is not one of text, json")]
     BadLogFormat { value: String },
     #[error("models[{index}].name must not be empty")]
@@ -245,6 +257,20 @@ impl Config {
             })
     }
 
+    /// The metrics address, or `None` when turned off.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.server.metrics_listen.is_empty() {
+            return Ok(None);
+        }
+        self.server
+            .metrics_listen
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError::BadMetricsListen {
+                value: self.server.metrics_listen.clone(),
+            })
+    }
+
     /// Checks every `[[models]]` entry; the first fault found is returned.
     pub fn valid_models(&self) -> Result<Vec<ValidModelConfig>, ConfigError> {
         let mut seen = std::collections::HashSet::new();
@@ -316,6 +342,7 @@ impl Config {
     /// Checks what can be checked without binding ports or opening files for writing.
     pub fn validate(&self) -> Result<Vec<ValidModelConfig>, ConfigError> {
         self.listen_addr()?;
+        self.metrics_addr()?;
         if !matches!(self.server.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::BadLogFormat {
                 value: self.server.log_format.clone(),

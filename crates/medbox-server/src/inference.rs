@@ -1,7 +1,15 @@
 //! `medbox.v1.Inference`: proto in, runtime types through the router, proto out.
+//!
+//! Generate and Chat share one path: both become a `ValidGenerateRequest`
+//! and an engine stream; `collect` answers the unary forms and `forward`
+//! the streamed ones. Chat adds a `ReasoningSplitter` for models that think.
 
 use medbox_proto::v1 as pb;
-use medbox_runtime::{GenerateRequest, GenerationEvent, SamplingParams};
+use medbox_runtime::{
+    ChatMessage, ChatRequest, EmbedError, Engine, FinishReason, GenerateRequest, GenerationEvent,
+    GenerationStream, ReasoningDelta, ReasoningSplitter, SamplingParams, Usage,
+    ValidGenerateRequest,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
@@ -15,31 +23,228 @@ pub struct InferenceService {
     state: AppState,
 }
 
+/// A generation submitted to its engine, with what the answer needs.
+struct Submitted {
+    stream: GenerationStream,
+    /// Present for chat with a thinking model.
+    splitter: Option<ReasoningSplitter>,
+}
+
+/// One step of a generation as the client sees it.
+#[derive(Default)]
+struct Chunk {
+    text: String,
+    reasoning_text: String,
+    token_ids: Vec<u32>,
+    finish: Option<(FinishReason, Usage)>,
+}
+
+/// The whole of a unary answer.
+struct Collected {
+    text: String,
+    reasoning_text: String,
+    token_ids: Vec<u32>,
+    reason: FinishReason,
+    usage: Usage,
+}
+
 impl InferenceService {
     pub fn new(state: AppState) -> InferenceService {
         InferenceService { state }
     }
 
-    /// Resolves the model, validates the request against it and submits it.
-    fn start_generation(
+    /// Resolves the model for a text-generation method.
+    fn engine(
+        &self,
+        model: &str,
+        method: &'static str,
+        record: &mut RequestRecord,
+    ) -> Result<Engine, ApiError> {
+        if model.is_empty() {
+            return Err(ApiError::MissingField("model"));
+        }
+        let (model_name, engine) = self.state.router.causal_lm(model, method)?;
+        record.model = Some(model_name);
+        Ok(engine)
+    }
+
+    fn submit_generate(
         &self,
         request: pb::GenerateRequest,
         method: &'static str,
         record: &mut RequestRecord,
-    ) -> Result<medbox_runtime::GenerationStream, ApiError> {
-        if request.model.is_empty() {
-            return Err(ApiError::MissingField("model"));
-        }
-        let (model_name, engine) = self.state.router.causal_lm(&request.model, method)?;
-        record.model = Some(model_name.clone());
+    ) -> Result<Submitted, ApiError> {
+        let engine = self.engine(&request.model, method, record)?;
         let valid = engine.validate(GenerateRequest {
             prompt: request.prompt,
             sampling: sampling_from_proto(request.sampling.unwrap_or_default()),
         })?;
-        record.prompt_tokens = u32::try_from(valid.prompt_tokens()).unwrap_or(u32::MAX);
-        engine
-            .submit(valid)
-            .map_err(|err| ApiError::from_engine(&model_name, err))
+        submit(&engine, valid, None, record)
+    }
+
+    fn submit_chat(
+        &self,
+        request: pb::ChatRequest,
+        method: &'static str,
+        record: &mut RequestRecord,
+    ) -> Result<Submitted, ApiError> {
+        let engine = self.engine(&request.model, method, record)?;
+        let valid = engine.validate_chat(ChatRequest {
+            messages: request
+                .messages
+                .into_iter()
+                .map(|message| ChatMessage {
+                    role: message.role,
+                    content: message.content,
+                })
+                .collect(),
+            sampling: sampling_from_proto(request.sampling.unwrap_or_default()),
+        })?;
+        let splitter = engine
+            .thinks()
+            .then(|| ReasoningSplitter::new(valid.starts_in_reasoning()));
+        submit(&engine, valid, splitter, record)
+    }
+}
+
+fn submit(
+    engine: &Engine,
+    valid: ValidGenerateRequest,
+    splitter: Option<ReasoningSplitter>,
+    record: &mut RequestRecord,
+) -> Result<Submitted, ApiError> {
+    record.prompt_tokens = u32::try_from(valid.prompt_tokens()).unwrap_or(u32::MAX);
+    let model = record.model.clone().unwrap_or_default();
+    let stream = engine
+        .submit(valid)
+        .map_err(|err| ApiError::from_engine(&model, err))?;
+    record.submitted();
+    Ok(Submitted { stream, splitter })
+}
+
+impl Submitted {
+    /// The next chunk, or `None` when the engine closed the stream unfinished.
+    async fn next_chunk(&mut self, model: &str) -> Option<Result<Chunk, ApiError>> {
+        let event = self.stream.next().await?;
+        Some(match event {
+            GenerationEvent::Delta { text, token_ids } => {
+                let (reasoning_text, text) = self.split(Some(&text));
+                Ok(Chunk {
+                    text,
+                    reasoning_text,
+                    token_ids,
+                    finish: None,
+                })
+            }
+            GenerationEvent::Finished { reason, usage } => {
+                let (reasoning_text, text) = self.split(None);
+                Ok(Chunk {
+                    text,
+                    reasoning_text,
+                    token_ids: Vec::new(),
+                    finish: Some((reason, usage)),
+                })
+            }
+            GenerationEvent::Failed(err) => Err(ApiError::from_engine(model, err)),
+        })
+    }
+
+    /// Splits new text into (reasoning, answer); `None` flushes at the end.
+    fn split(&mut self, text: Option<&str>) -> (String, String) {
+        match (&mut self.splitter, text) {
+            (None, Some(text)) => (String::new(), text.to_owned()),
+            (None, None) => (String::new(), String::new()),
+            (Some(splitter), text) => {
+                let ReasoningDelta { reasoning, answer } = match text {
+                    Some(text) => splitter.push(text),
+                    None => splitter.finish(),
+                };
+                (reasoning, answer)
+            }
+        }
+    }
+
+    /// Gathers the whole answer for a unary RPC.
+    async fn collect(mut self, record: &mut RequestRecord) -> Result<Collected, ApiError> {
+        let model = record.model.clone().unwrap_or_default();
+        let mut collected = Collected {
+            text: String::new(),
+            reasoning_text: String::new(),
+            token_ids: Vec::new(),
+            reason: FinishReason::Cancelled,
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            },
+        };
+        while let Some(chunk) = self.next_chunk(&model).await {
+            let chunk = chunk?;
+            if !chunk.token_ids.is_empty() {
+                record.first_token();
+            }
+            collected.text.push_str(&chunk.text);
+            collected.reasoning_text.push_str(&chunk.reasoning_text);
+            collected.token_ids.extend(chunk.token_ids);
+            if let Some((reason, usage)) = chunk.finish {
+                record.completion_tokens = usage.completion_tokens;
+                collected.reason = reason;
+                collected.usage = usage;
+                return Ok(collected);
+            }
+        }
+        Err(ApiError::Internal(
+            "the engine closed a stream without finishing it".into(),
+        ))
+    }
+
+    /// Streams the answer to the client from a task of its own; a client
+    /// that goes away drops the engine stream, which cancels the sequence.
+    fn forward<T: Send + 'static>(
+        mut self,
+        mut record: RequestRecord,
+        to_proto: impl Fn(Chunk) -> T + Send + 'static,
+    ) -> ReceiverStream<Result<T, Status>> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            let model = record.model.clone().unwrap_or_default();
+            while let Some(chunk) = self.next_chunk(&model).await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(err) => {
+                        record.finish(err.code(), Some(err.kind()));
+                        let _client_may_be_gone = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                };
+                if !chunk.token_ids.is_empty() {
+                    record.first_token();
+                }
+                let finished = chunk
+                    .finish
+                    .as_ref()
+                    .map(|(_, usage)| usage.completion_tokens);
+                if finished.is_none() {
+                    record.completion_tokens += u32::try_from(chunk.token_ids.len()).unwrap_or(0);
+                }
+                let delivered = tx.send(Ok(to_proto(chunk))).await.is_ok();
+                match (finished, delivered) {
+                    (Some(completion_tokens), true) => {
+                        record.completion_tokens = completion_tokens;
+                        record.finish(Code::Ok, None);
+                        return;
+                    }
+                    (_, false) => {
+                        record.finish(Code::Cancelled, Some("client_cancelled"));
+                        return;
+                    }
+                    (None, true) => {}
+                }
+            }
+            let err = ApiError::Internal("the engine closed a stream without finishing it".into());
+            record.finish(err.code(), Some(err.kind()));
+            let _client_may_be_gone = tx.send(Err(err.into())).await;
+        });
+        ReceiverStream::new(rx)
     }
 }
 
@@ -56,15 +261,28 @@ fn sampling_from_proto(sampling: pb::SamplingParams) -> SamplingParams {
     }
 }
 
-fn usage_to_proto(usage: medbox_runtime::Usage) -> pb::Usage {
+fn usage_to_proto(usage: Usage) -> pb::Usage {
     pb::Usage {
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
     }
 }
 
-fn non_empty(text: String) -> Option<String> {
-    (!text.is_empty()).then_some(text)
+fn finish_to_proto(finish: Option<(FinishReason, Usage)>) -> (String, Option<pb::Usage>) {
+    match finish {
+        Some((reason, usage)) => (reason.as_str().to_owned(), Some(usage_to_proto(usage))),
+        None => (String::new(), None),
+    }
+}
+
+fn non_empty(text: &str) -> Option<String> {
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// Writes the record and turns the error into a status.
+fn fail(record: RequestRecord, err: ApiError) -> Status {
+    record.finish(err.code(), Some(err.kind()));
+    err.into()
 }
 
 #[tonic::async_trait]
@@ -77,48 +295,26 @@ impl pb::inference_server::Inference for InferenceService {
         let mut record = self.state.log.begin("Generate", request.remote_addr());
         let request = request.into_inner();
         let request_id = request.request_id.clone();
-        record.request_id = non_empty(request.request_id.clone());
-        let mut stream = match self.start_generation(request, "Generate", &mut record) {
-            Ok(stream) => stream,
-            Err(err) => {
-                record.finish(err.code(), Some(err.kind()));
-                return Err(err.into());
-            }
+        record.request_id = non_empty(&request_id);
+        let submitted = match self.submit_generate(request, "Generate", &mut record) {
+            Ok(submitted) => submitted,
+            Err(err) => return Err(fail(record, err)),
         };
-        let mut text = String::new();
-        let mut token_ids = Vec::new();
-        while let Some(event) = stream.next().await {
-            match event {
-                GenerationEvent::Delta {
-                    text: delta,
-                    token_ids: ids,
-                } => {
-                    text.push_str(&delta);
-                    token_ids.extend(ids);
-                }
-                GenerationEvent::Finished { reason, usage } => {
-                    record.completion_tokens = usage.completion_tokens;
-                    let model = record.model.clone().unwrap_or_default();
-                    record.finish(Code::Ok, None);
-                    return Ok(Response::new(pb::GenerateResponse {
-                        text,
-                        token_ids,
-                        finish_reason: reason.as_str().to_owned(),
-                        usage: Some(usage_to_proto(usage)),
-                        request_id,
-                        model,
-                    }));
-                }
-                GenerationEvent::Failed(err) => {
-                    let err = ApiError::from_engine(record.model.as_deref().unwrap_or(""), err);
-                    record.finish(err.code(), Some(err.kind()));
-                    return Err(err.into());
-                }
+        match submitted.collect(&mut record).await {
+            Ok(answer) => {
+                let model = record.model.clone().unwrap_or_default();
+                record.finish(Code::Ok, None);
+                Ok(Response::new(pb::GenerateResponse {
+                    text: answer.text,
+                    token_ids: answer.token_ids,
+                    finish_reason: answer.reason.as_str().to_owned(),
+                    usage: Some(usage_to_proto(answer.usage)),
+                    request_id,
+                    model,
+                }))
             }
+            Err(err) => Err(fail(record, err)),
         }
-        let err = ApiError::Internal("the engine closed a stream without finishing it".into());
-        record.finish(err.code(), Some(err.kind()));
-        Err(err.into())
     }
 
     type GenerateStreamStream = ReceiverStream<Result<pb::GenerateStreamResponse, Status>>;
@@ -134,61 +330,115 @@ impl pb::inference_server::Inference for InferenceService {
             .begin("GenerateStream", request.remote_addr());
         let request = request.into_inner();
         let request_id = request.request_id.clone();
-        record.request_id = non_empty(request.request_id.clone());
-        let mut stream = match self.start_generation(request, "GenerateStream", &mut record) {
-            Ok(stream) => stream,
-            Err(err) => {
-                record.finish(err.code(), Some(err.kind()));
-                return Err(err.into());
-            }
+        record.request_id = non_empty(&request_id);
+        let submitted = match self.submit_generate(request, "GenerateStream", &mut record) {
+            Ok(submitted) => submitted,
+            Err(err) => return Err(fail(record, err)),
         };
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(async move {
-            while let Some(event) = stream.next().await {
-                let chunk = match event {
-                    GenerationEvent::Delta { text, token_ids } => {
-                        record.completion_tokens += u32::try_from(token_ids.len()).unwrap_or(0);
-                        Ok(pb::GenerateStreamResponse {
-                            text,
-                            token_ids,
-                            finish_reason: String::new(),
-                            usage: None,
-                            request_id: request_id.clone(),
-                        })
-                    }
-                    GenerationEvent::Finished { reason, usage } => {
-                        record.completion_tokens = usage.completion_tokens;
-                        let last = pb::GenerateStreamResponse {
-                            text: String::new(),
-                            token_ids: Vec::new(),
-                            finish_reason: reason.as_str().to_owned(),
-                            usage: Some(usage_to_proto(usage)),
-                            request_id: request_id.clone(),
-                        };
-                        let delivered = tx.send(Ok(last)).await.is_ok();
-                        let code = if delivered { Code::Ok } else { Code::Cancelled };
-                        record.finish(code, None);
-                        return;
-                    }
-                    GenerationEvent::Failed(err) => {
-                        let err = ApiError::from_engine(record.model.as_deref().unwrap_or(""), err);
-                        record.finish(err.code(), Some(err.kind()));
-                        let _client_may_be_gone = tx.send(Err(err.into())).await;
-                        return;
-                    }
-                };
-                if tx.send(chunk).await.is_err() {
-                    // The client went away: dropping `stream` cancels the
-                    // sequence at the engine's next step.
-                    record.finish(Code::Cancelled, Some("client_cancelled"));
-                    return;
-                }
+        Ok(Response::new(submitted.forward(record, move |chunk| {
+            let (finish_reason, usage) = finish_to_proto(chunk.finish);
+            pb::GenerateStreamResponse {
+                text: chunk.text,
+                token_ids: chunk.token_ids,
+                finish_reason,
+                usage,
+                request_id: request_id.clone(),
             }
-            let err = ApiError::Internal("the engine closed a stream without finishing it".into());
-            record.finish(err.code(), Some(err.kind()));
-            let _client_may_be_gone = tx.send(Err(err.into())).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        })))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn chat(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<pb::ChatResponse>, Status> {
+        let mut record = self.state.log.begin("Chat", request.remote_addr());
+        let request = request.into_inner();
+        let request_id = request.request_id.clone();
+        record.request_id = non_empty(&request_id);
+        let submitted = match self.submit_chat(request, "Chat", &mut record) {
+            Ok(submitted) => submitted,
+            Err(err) => return Err(fail(record, err)),
+        };
+        match submitted.collect(&mut record).await {
+            Ok(answer) => {
+                let model = record.model.clone().unwrap_or_default();
+                record.finish(Code::Ok, None);
+                Ok(Response::new(pb::ChatResponse {
+                    text: answer.text,
+                    reasoning_text: answer.reasoning_text,
+                    token_ids: answer.token_ids,
+                    finish_reason: answer.reason.as_str().to_owned(),
+                    usage: Some(usage_to_proto(answer.usage)),
+                    request_id,
+                    model,
+                }))
+            }
+            Err(err) => Err(fail(record, err)),
+        }
+    }
+
+    type ChatStreamStream = ReceiverStream<Result<pb::ChatStreamResponse, Status>>;
+
+    #[tracing::instrument(skip_all)]
+    async fn chat_stream(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<Self::ChatStreamStream>, Status> {
+        let mut record = self.state.log.begin("ChatStream", request.remote_addr());
+        let request = request.into_inner();
+        let request_id = request.request_id.clone();
+        record.request_id = non_empty(&request_id);
+        let submitted = match self.submit_chat(request, "ChatStream", &mut record) {
+            Ok(submitted) => submitted,
+            Err(err) => return Err(fail(record, err)),
+        };
+        Ok(Response::new(submitted.forward(record, move |chunk| {
+            let (finish_reason, usage) = finish_to_proto(chunk.finish);
+            pb::ChatStreamResponse {
+                text: chunk.text,
+                reasoning_text: chunk.reasoning_text,
+                token_ids: chunk.token_ids,
+                finish_reason,
+                usage,
+                request_id: request_id.clone(),
+            }
+        })))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let mut record = self.state.log.begin("Embed", request.remote_addr());
+        let request = request.into_inner();
+        record.request_id = non_empty(&request.request_id);
+        if request.model.is_empty() {
+            return Err(fail(record, ApiError::MissingField("model")));
+        }
+        let (model, embedder) = match self.state.router.embedding(&request.model, "Embed") {
+            Ok(found) => found,
+            Err(err) => return Err(fail(record, err)),
+        };
+        record.model = Some(model.clone());
+        let dimensions = u32::try_from(embedder.info().dimensions).unwrap_or(u32::MAX);
+        match embedder.embed(request.texts).await {
+            Ok(vectors) => {
+                record.finish(Code::Ok, None);
+                Ok(Response::new(pb::EmbedResponse {
+                    embeddings: vectors
+                        .into_iter()
+                        .map(|values| pb::Embedding { values })
+                        .collect(),
+                    model,
+                    dimensions,
+                    request_id: request.request_id,
+                }))
+            }
+            Err(EmbedError::Invalid(err)) => Err(fail(record, ApiError::Invalid(err))),
+            Err(EmbedError::Engine(err)) => Err(fail(record, ApiError::from_engine(&model, err))),
+        }
     }
 
     #[tracing::instrument(skip_all)]
@@ -198,34 +448,30 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let mut record = self.state.log.begin("Tokenize", request.remote_addr());
         let request = request.into_inner();
-        let result = (|| {
-            if request.model.is_empty() {
-                return Err(ApiError::MissingField("model"));
-            }
-            let (model_name, engine) = self.state.router.causal_lm(&request.model, "Tokenize")?;
-            record.model = Some(model_name.clone());
-            let tokens = engine
-                .tokenize(&request.text)
-                .map_err(|err| ApiError::Internal(format!("model `{model_name}`: {err}")))?;
-            record.prompt_tokens = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
-            Ok(pb::TokenizeResponse {
-                tokens: tokens
-                    .into_iter()
-                    .map(|token| pb::Token {
-                        id: token.id,
-                        text: token.text,
-                    })
-                    .collect(),
-            })
-        })();
-        match result {
-            Ok(response) => {
+        let engine = match self.engine(&request.model, "Tokenize", &mut record) {
+            Ok(engine) => engine,
+            Err(err) => return Err(fail(record, err)),
+        };
+        match engine.tokenize(&request.text) {
+            Ok(tokens) => {
+                record.prompt_tokens = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
                 record.finish(Code::Ok, None);
-                Ok(Response::new(response))
+                Ok(Response::new(pb::TokenizeResponse {
+                    tokens: tokens
+                        .into_iter()
+                        .map(|token| pb::Token {
+                            id: token.id,
+                            text: token.text,
+                        })
+                        .collect(),
+                }))
             }
             Err(err) => {
-                record.finish(err.code(), Some(err.kind()));
-                Err(err.into())
+                let model = record.model.clone().unwrap_or_default();
+                Err(fail(
+                    record,
+                    ApiError::Internal(format!("model `{model}`: {err}")),
+                ))
             }
         }
     }

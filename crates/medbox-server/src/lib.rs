@@ -10,6 +10,7 @@ mod admin;
 pub mod config;
 mod error;
 mod inference;
+mod metrics;
 mod request_log;
 mod router;
 mod server;

@@ -6,11 +6,14 @@
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use medbox_store::{NewRequestLog, Store};
 use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::metrics::Metrics;
 
 const QUEUE_CAPACITY: usize = 1024;
 
@@ -18,11 +21,12 @@ const QUEUE_CAPACITY: usize = 1024;
 #[derive(Clone)]
 pub struct RequestLogger {
     tx: mpsc::Sender<NewRequestLog>,
+    metrics: Arc<Metrics>,
 }
 
 impl RequestLogger {
     /// Starts the writer task; it ends when every logger clone is dropped and the queue drained.
-    pub fn start(store: Store) -> (RequestLogger, JoinHandle<()>) {
+    pub fn start(store: Store, metrics: Arc<Metrics>) -> (RequestLogger, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<NewRequestLog>(QUEUE_CAPACITY);
         let writer = tokio::spawn(async move {
             while let Some(entry) = rx.recv().await {
@@ -31,7 +35,7 @@ impl RequestLogger {
                 }
             }
         });
-        (RequestLogger { tx }, writer)
+        (RequestLogger { tx, metrics }, writer)
     }
 
     pub fn begin(&self, method: &'static str, client_addr: Option<SocketAddr>) -> RequestRecord {
@@ -45,6 +49,8 @@ impl RequestLogger {
             request_id: None,
             prompt_tokens: 0,
             completion_tokens: 0,
+            first_token: None,
+            in_flight: false,
         }
     }
 }
@@ -60,11 +66,64 @@ pub struct RequestRecord {
     pub request_id: Option<String>,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    first_token: Option<Instant>,
+    /// Counted in `medbox_requests_in_flight` until finished.
+    in_flight: bool,
 }
 
 impl RequestRecord {
+    /// The request now waits for or runs on the engine of `self.model`.
+    pub fn submitted(&mut self) {
+        if let Some(model) = &self.model {
+            self.logger
+                .metrics
+                .requests_in_flight
+                .with_label_values(&[model])
+                .inc();
+            self.in_flight = true;
+        }
+    }
+
+    /// Notes the arrival of the first generated token (once).
+    pub fn first_token(&mut self) {
+        if self.first_token.is_none() {
+            self.first_token = Some(Instant::now());
+        }
+    }
+
+    fn observe(&self, code: tonic::Code) {
+        let metrics = &self.logger.metrics;
+        let elapsed = self.started.elapsed();
+        metrics.observe_request(self.method, code, elapsed);
+        let Some(model) = &self.model else { return };
+        if self.in_flight {
+            metrics.requests_in_flight.with_label_values(&[model]).dec();
+        }
+        metrics
+            .prompt_tokens
+            .with_label_values(&[model])
+            .inc_by(u64::from(self.prompt_tokens));
+        metrics
+            .generation_tokens
+            .with_label_values(&[model])
+            .inc_by(u64::from(self.completion_tokens));
+        if let Some(first) = self.first_token {
+            metrics
+                .time_to_first_token
+                .with_label_values(&[model])
+                .observe((first - self.started).as_secs_f64());
+            if self.completion_tokens > 1 {
+                metrics
+                    .time_per_output_token
+                    .with_label_values(&[model])
+                    .observe(first.elapsed().as_secs_f64() / f64::from(self.completion_tokens - 1));
+            }
+        }
+    }
+
     /// Writes the entry with its gRPC status code and, on failure, the error's kind.
     pub fn finish(self, code: tonic::Code, error_kind: Option<&str>) {
+        self.observe(code);
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         tracing::info!(
             method = self.method,

@@ -10,18 +10,67 @@ use std::{
     time::Instant,
 };
 
-use medbox_runtime::{Engine, EngineConfig, ModelInfo};
+use medbox_runtime::{DType, Device, Embedder, Engine, EngineConfig};
 
 use crate::{
     config::{ModelKind, ValidModelConfig},
     error::ApiError,
 };
 
+/// A loaded model's handle, by kind.
+#[derive(Clone)]
+pub enum LoadedModel {
+    CausalLm(Engine),
+    Embedding(Embedder),
+}
+
+impl LoadedModel {
+    fn details(&self) -> ModelDetails {
+        match self {
+            LoadedModel::CausalLm(engine) => {
+                let info = engine.info();
+                ModelDetails {
+                    architecture: info.architecture.clone(),
+                    dtype: info.dtype,
+                    device: info.device,
+                    max_context: info.max_context,
+                }
+            }
+            LoadedModel::Embedding(embedder) => {
+                let info = embedder.info();
+                ModelDetails {
+                    architecture: info.architecture.clone(),
+                    dtype: info.dtype,
+                    device: info.device,
+                    max_context: info.max_tokens,
+                }
+            }
+        }
+    }
+
+    /// Stops the engine thread after its in-flight work (blocking).
+    fn shutdown(self) {
+        match self {
+            LoadedModel::CausalLm(engine) => engine.shutdown(),
+            LoadedModel::Embedding(embedder) => embedder.shutdown(),
+        }
+    }
+}
+
+/// What a loaded model reports about itself.
+#[derive(Clone)]
+pub struct ModelDetails {
+    pub architecture: String,
+    pub dtype: DType,
+    pub device: Device,
+    pub max_context: usize,
+}
+
 /// Where a model is in its life.
 #[derive(Clone)]
 pub enum ModelState {
     Loading,
-    Ready(Engine),
+    Ready(LoadedModel),
     Failed(String),
 }
 
@@ -42,7 +91,7 @@ pub struct ModelView {
     pub kind: ModelKind,
     pub state: &'static str,
     pub error: Option<String>,
-    pub info: Option<ModelInfo>,
+    pub details: Option<ModelDetails>,
 }
 
 struct Slot {
@@ -89,13 +138,13 @@ impl ModelRouter {
             let config = self.read_slots()[index].config.clone();
             let state = load_one(config.clone()).await;
             match &state {
-                ModelState::Ready(engine) => {
-                    let info = engine.info();
+                ModelState::Ready(model) => {
+                    let details = model.details();
                     tracing::info!(
                         model = %config.name,
-                        architecture = %info.architecture,
-                        dtype = %info.dtype,
-                        device = %info.device,
+                        architecture = %details.architecture,
+                        dtype = %details.dtype,
+                        device = %details.device,
                         "model ready"
                     );
                 }
@@ -108,19 +157,51 @@ impl ModelRouter {
         }
     }
 
-    /// The engine that serves `name` (a model name or alias), ready for `method`.
+    /// The causal-LM engine that serves `name` (a model name or alias), with the model's name.
     pub fn causal_lm(
         &self,
         name: &str,
         method: &'static str,
     ) -> Result<(String, Engine), ApiError> {
+        match self.ready(name, ModelKind::CausalLm, method)? {
+            (model, LoadedModel::CausalLm(engine)) => Ok((model, engine)),
+            (model, LoadedModel::Embedding(_)) => Err(ApiError::WrongModelKind {
+                name: model,
+                kind: ModelKind::Embedding.as_str(),
+                method,
+            }),
+        }
+    }
+
+    /// The embedding model that serves `name`, with the model's name.
+    pub fn embedding(
+        &self,
+        name: &str,
+        method: &'static str,
+    ) -> Result<(String, Embedder), ApiError> {
+        match self.ready(name, ModelKind::Embedding, method)? {
+            (model, LoadedModel::Embedding(embedder)) => Ok((model, embedder)),
+            (model, LoadedModel::CausalLm(_)) => Err(ApiError::WrongModelKind {
+                name: model,
+                kind: ModelKind::CausalLm.as_str(),
+                method,
+            }),
+        }
+    }
+
+    fn ready(
+        &self,
+        name: &str,
+        kind: ModelKind,
+        method: &'static str,
+    ) -> Result<(String, LoadedModel), ApiError> {
         let index = *self
             .names
             .get(name)
             .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))?;
         let slots = self.read_slots();
         let slot = &slots[index];
-        if slot.config.kind != ModelKind::CausalLm {
+        if slot.config.kind != kind {
             return Err(ApiError::WrongModelKind {
                 name: slot.config.name.clone(),
                 kind: slot.config.kind.as_str(),
@@ -128,7 +209,7 @@ impl ModelRouter {
             });
         }
         match &slot.state {
-            ModelState::Ready(engine) => Ok((slot.config.name.clone(), engine.clone())),
+            ModelState::Ready(model) => Ok((slot.config.name.clone(), model.clone())),
             ModelState::Loading => Err(ApiError::ModelLoading(slot.config.name.clone())),
             ModelState::Failed(_) => Err(ApiError::ModelFailed {
                 name: slot.config.name.clone(),
@@ -148,8 +229,8 @@ impl ModelRouter {
                     ModelState::Failed(error) => Some(error.clone()),
                     _ => None,
                 },
-                info: match &slot.state {
-                    ModelState::Ready(engine) => Some(engine.info().clone()),
+                details: match &slot.state {
+                    ModelState::Ready(model) => Some(model.details()),
                     _ => None,
                 },
             })
@@ -158,7 +239,7 @@ impl ModelRouter {
 
     /// Stops every engine after its in-flight work; blocking, so called off the runtime.
     pub fn shutdown_engines(&self) {
-        let engines: Vec<Engine> = self
+        let models: Vec<LoadedModel> = self
             .write_slots()
             .iter_mut()
             .filter_map(|slot| {
@@ -166,13 +247,13 @@ impl ModelRouter {
                     &mut slot.state,
                     ModelState::Failed("unloaded at shutdown".into()),
                 ) {
-                    ModelState::Ready(engine) => Some(engine),
+                    ModelState::Ready(model) => Some(model),
                     _ => None,
                 }
             })
             .collect();
-        for engine in engines {
-            engine.shutdown();
+        for model in models {
+            model.shutdown();
         }
     }
 
@@ -190,12 +271,8 @@ impl ModelRouter {
 }
 
 async fn load_one(config: ValidModelConfig) -> ModelState {
-    if config.kind == ModelKind::Embedding {
-        return ModelState::Failed(
-            "kind `embedding` is not served by this version of medboxd".to_owned(),
-        );
-    }
     let started = Instant::now();
+    let kind = config.kind;
     let engine_config = EngineConfig {
         name: config.name.clone(),
         path: config.path.clone(),
@@ -203,11 +280,16 @@ async fn load_one(config: ValidModelConfig) -> ModelState {
         device: config.device,
         max_waiting: config.max_waiting,
     };
-    tracing::info!(model = %config.name, path = %config.path.display(), "loading model");
-    match tokio::task::spawn_blocking(move || Engine::start(engine_config)).await {
-        Ok(Ok(engine)) => {
+    tracing::info!(model = %config.name, kind = kind.as_str(), path = %config.path.display(), "loading model");
+    let loaded = tokio::task::spawn_blocking(move || match kind {
+        ModelKind::CausalLm => Engine::start(engine_config).map(LoadedModel::CausalLm),
+        ModelKind::Embedding => Embedder::start(engine_config).map(LoadedModel::Embedding),
+    })
+    .await;
+    match loaded {
+        Ok(Ok(model)) => {
             tracing::info!(model = %config.name, seconds = started.elapsed().as_secs_f64(), "model loaded");
-            ModelState::Ready(engine)
+            ModelState::Ready(model)
         }
         Ok(Err(err)) => ModelState::Failed(err.to_string()),
         Err(join_error) => ModelState::Failed(format!("the loader crashed: {join_error}")),

@@ -13,6 +13,7 @@ use crate::{
     admin::AdminService,
     config::{Config, ConfigError, ValidModelConfig},
     inference::InferenceService,
+    metrics::{self, Metrics},
     request_log::RequestLogger,
     router::ModelRouter,
     state::AppState,
@@ -35,6 +36,13 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("server reflection: {0}")]
     Reflection(String),
+    #[error("server.metrics_listen: cannot listen on {addr}: {source}")]
+    MetricsBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Why the server stopped other than by request.
@@ -47,6 +55,7 @@ pub enum ServeError {
 /// A started server: its address, and the handle to stop it.
 pub struct RunningServer {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), ServeError>>,
 }
@@ -55,6 +64,11 @@ impl RunningServer {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound metrics address, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// A token that stops the server when cancelled (used by the signal handler).
@@ -90,6 +104,17 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
 
+    let (metrics_listener, metrics_addr) = match config.metrics_addr()? {
+        Some(addr) => {
+            let bind_error = |source| StartError::MetricsBind { addr, source };
+            let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+            let bound = listener.local_addr().map_err(bind_error)?;
+            (Some(listener), Some(bound))
+        }
+        None => (None, None),
+    };
+    let metrics = Arc::new(Metrics::new()?);
+
     let store = match &config.storage.url {
         Some(url) => Store::open(url).await?,
         None => Store::open_in_data_dir(&config.storage.data_dir).await?,
@@ -100,7 +125,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tracing::info!(backend = store.backend().as_str(), "store open");
 
     let router = Arc::new(ModelRouter::new(models));
-    let (log, log_writer) = RequestLogger::start(store.clone());
+    let (log, log_writer) = RequestLogger::start(store.clone(), metrics.clone());
     let state = AppState {
         router: router.clone(),
         log,
@@ -137,6 +162,21 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .map_err(|err| StartError::Reflection(err.to_string()))?;
 
     let shutdown = CancellationToken::new();
+    if let Some(listener) = metrics_listener {
+        let router = router.clone();
+        let refresh = move |metrics: &Metrics| {
+            metrics.models.reset();
+            for view in router.views() {
+                metrics.models.with_label_values(&[view.state]).inc();
+            }
+        };
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(err) = metrics::serve(listener, metrics, refresh, token).await {
+                tracing::error!(error = %err, "the metrics endpoint failed");
+            }
+        });
+    }
     let serve = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -151,7 +191,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             }),
             shutdown.clone().cancelled_owned(),
         );
-    tracing::info!(%local_addr, "medboxd listening (gRPC, health, reflection)");
+    tracing::info!(%local_addr, metrics = ?metrics_addr, "medboxd listening (gRPC, health, reflection)");
 
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let token = shutdown.clone();
@@ -195,6 +235,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 
     Ok(RunningServer {
         local_addr,
+        metrics_addr,
         shutdown,
         task,
     })

@@ -22,28 +22,28 @@ impl AppState {
             .views()
             .into_iter()
             .map(|view| {
-                let info = view.info;
+                let details = view.details;
                 pb::ModelStatus {
                     name: view.name,
                     aliases: view.aliases,
                     kind: view.kind.as_str().to_owned(),
                     state: view.state.to_owned(),
                     error: view.error.unwrap_or_default(),
-                    architecture: info
+                    architecture: details
                         .as_ref()
-                        .map(|info| info.architecture.clone())
+                        .map(|details| details.architecture.clone())
                         .unwrap_or_default(),
-                    dtype: info
+                    dtype: details
                         .as_ref()
-                        .map(|info| info.dtype.to_string())
+                        .map(|details| details.dtype.to_string())
                         .unwrap_or_default(),
-                    device: info
+                    device: details
                         .as_ref()
-                        .map(|info| info.device.to_string())
+                        .map(|details| details.device.to_string())
                         .unwrap_or_default(),
-                    max_context: info
+                    max_context: details
                         .as_ref()
-                        .map(|info| u32::try_from(info.max_context).unwrap_or(u32::MAX))
+                        .map(|details| u32::try_from(details.max_context).unwrap_or(u32::MAX))
                         .unwrap_or_default(),
                 }
             })

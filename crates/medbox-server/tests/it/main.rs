@@ -39,7 +39,7 @@ struct TestServer {
 
 fn config_text(data_dir: &Path, extra_models: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_seconds = 20\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace_seconds = 20\n\
          [storage]\ndata_dir = \"{}\"\n\
          [[models]]\nname = \"tiny\"\npath = \"{}\"\naliases = [\"medical\"]\n{extra_models}",
         data_dir.display(),
@@ -249,4 +249,51 @@ async fn shutdown_lets_an_inflight_stream_finish() {
     }
     assert_eq!((count, finish.as_str()), (200, "length"));
     shutdown.await.unwrap().unwrap();
+}
+
+/// A plain HTTP/1.0 GET, enough for a scrape.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped() {
+    let test = start("").await;
+    test.inference()
+        .generate(greedy("Cough for two weeks", 8))
+        .await
+        .unwrap();
+    let mut unknown = greedy("hi", 2);
+    unknown.model = "nope".into();
+    test.inference().generate(unknown).await.unwrap_err();
+    let body = http_get(test.server.metrics_addr().unwrap(), "/metrics").await;
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    for needle in [
+        "medbox_requests_total{code=\"OK\",method=\"Generate\"} 1",
+        "medbox_requests_total{code=\"NOT_FOUND\",method=\"Generate\"} 1",
+        "medbox_request_duration_seconds_bucket",
+        "medbox_time_to_first_token_seconds_count{model=\"tiny\"} 1",
+        "medbox_time_per_output_token_seconds_count{model=\"tiny\"} 1",
+        "medbox_prompt_tokens_total{model=\"tiny\"}",
+        "medbox_generation_tokens_total{model=\"tiny\"} 8",
+        "medbox_requests_in_flight{model=\"tiny\"} 0",
+        "medbox_models{state=\"ready\"} 1",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(body.contains(needle), "metrics lack `{needle}`:\n{body}");
+    }
+    // No prompt text ever reaches the metrics.
+    assert!(!body.contains("Cough"));
+    test.server.shutdown().await.unwrap();
 }
