@@ -19,8 +19,8 @@ mkdir -p models
 ln -sfn "$MEDBOX_CACHE/models/tiny" models/tiny
 
 addr=127.0.0.1:50051
-ctl() { target/release/medboxctl --addr "$addr" "$@"; }
-if ctl status >/dev/null 2>&1; then
+ctl() { target/release/medboxctl --addr "$addr" --key-file data/admin.key "$@"; }
+if (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null; then
   echo "demo: something already answers on $addr (a medboxd left running?); stop it first" >&2
   exit 1
 fi
@@ -42,7 +42,7 @@ for _ in $(seq 1 300); do
   if ! kill -0 "$pid" 2>/dev/null; then
     echo "demo: medboxd exited; its log:" >&2; cat data/medboxd.log >&2; exit 1
   fi
-  if ctl --json status 2>/dev/null | grep -q '"state":"ready"'; then break; fi
+  if [ -f data/admin.key ] && ctl --json status 2>/dev/null | grep -q '"state":"ready"'; then break; fi
   sleep 0.2
 done
 

@@ -57,17 +57,45 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def fresh_postgres_database():
+    """A new, empty database on the test server, so each medboxd starts from scratch."""
+    import uuid
+
+    base = os.environ["MEDBOX_TEST_POSTGRES_URL"]
+    name = f"medbox_e2e_{uuid.uuid4().hex[:12]}"
+    subprocess.run(["psql", base, "-q", "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True)
+    return base.rsplit("/", 1)[0] + "/" + name
+
+
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def _with_key(self, details):
+        metadata = list(details.metadata or []) + [("authorization", f"Bearer {self.key}")]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
 class Medboxd:
     """A medboxd process with its own config, data directory and port."""
 
     def __init__(self, workdir: pathlib.Path, storage: str):
+        self.channel = None
         assert (TINY_MODEL / "config.json").is_file(), f"no tiny model at {TINY_MODEL}: run scripts/make-tiny-model"
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.data_dir = workdir / "data"
         storage_url = ""
         if storage == "postgres":
-            storage_url = f'url = "{os.environ["MEDBOX_TEST_POSTGRES_URL"]}"\n'
+            storage_url = f'url = "{fresh_postgres_database()}"\n'
         self.config = workdir / "medbox.toml"
         self.config.write_text(
             f'[server]\nlisten = "{self.addr}"\nmetrics_listen = "127.0.0.1:{free_port()}"\nshutdown_grace_seconds = 30\n'
@@ -83,11 +111,13 @@ class Medboxd:
             stderr=subprocess.STDOUT,
             cwd=workdir,
         )
-        self.channel = grpc.insecure_channel(self.addr)
+        self.plain_channel = grpc.insecure_channel(self.addr)
         self.wait_serving()
+        self.admin_key = (self.data_dir / "admin.key").read_text().strip()
+        self.channel = grpc.intercept_channel(self.plain_channel, BearerKey(self.admin_key))
 
     def wait_serving(self):
-        health = health_pb2_grpc.HealthStub(self.channel)
+        health = health_pb2_grpc.HealthStub(self.plain_channel)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -115,7 +145,7 @@ class Medboxd:
         try:
             return self.proc.wait(timeout=timeout)
         finally:
-            self.channel.close()
+            self.plain_channel.close()
             self.log.close()
 
 

@@ -19,18 +19,18 @@ def greedy(pb, max_tokens, **extra):
     return pb.inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)
 
 
-def test_health_is_serving(server):
-    health = health_pb2_grpc.HealthStub(server.channel)
+def test_health_is_serving_without_a_key(server):
+    health = health_pb2_grpc.HealthStub(server.plain_channel)
     for service in ["", "medbox.v1.Inference", "medbox.v1.Admin"]:
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
 
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
-def test_reflection_lists_the_services(server, version):
+def test_reflection_lists_the_services_without_a_key(server, version):
     # v1 and v1alpha share their messages; grpcio-reflection ships only the
     # v1alpha stubs, so v1 is called by its method path.
-    call = server.channel.stream_stream(
+    call = server.plain_channel.stream_stream(
         f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
         request_serializer=reflection_v1alpha_pb2.ServerReflectionRequest.SerializeToString,
         response_deserializer=reflection_v1alpha_pb2.ServerReflectionResponse.FromString,
@@ -136,7 +136,7 @@ def test_every_rpc_is_in_the_request_log(pb, server):
         if rows:
             break
         time.sleep(0.2)
-    assert rows == [("Generate", "tiny", 0, 3)]
+    assert rows == [("medbox.v1.Inference/Generate", "tiny", 0, 3)]
 
 
 def test_sigterm_during_a_stream_finishes_it_and_exits_zero(pb, fresh_server):
@@ -224,3 +224,46 @@ def test_embed_and_generate_refuse_the_wrong_kind(pb, server):
     with pytest.raises(grpc.RpcError) as err:
         stub.Embed(pb.inference_pb2.EmbedRequest(model="minilm", texts=[]), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "texts" in err.value.details()
+
+
+def test_calls_without_a_key_are_unauthenticated(pb, server):
+    stub = pb.inference_pb2_grpc.InferenceStub(server.plain_channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListModels(pb.inference_pb2.ListModelsRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization" in err.value.details()
+
+
+def test_medboxctl_manages_keys_and_verifies_the_audit_chain(server):
+    import json
+    import subprocess
+
+    from conftest import BIN_DIR
+
+    def ctl(*args, key=server.admin_key):
+        result = subprocess.run(
+            [str(BIN_DIR / "medboxctl"), "--addr", server.addr, "--key", key, "--json", *args],
+            capture_output=True, text=True, timeout=60,
+        )
+        return result.returncode, [json.loads(line) for line in result.stdout.splitlines() if line.strip()], result.stderr
+
+    code, created, _ = ctl("keys", "create", "--label", "ward 5 tablet", "--scopes", "inference", "--expires", "30d")
+    assert code == 0
+    key = created[0]["key"]
+    code, generated, _ = ctl("generate", "--model", "tiny", "--max-tokens", "4", "--temperature", "0", "fever", key=key)
+    assert code == 0 and generated[0]["usage"]["completion_tokens"] == 4
+    code, _, stderr = ctl("status", key=key)
+    assert code != 0 and "PermissionDenied" in stderr and "admin" in stderr
+    code, revoked, _ = ctl("keys", "revoke", created[0]["id"])
+    assert code == 0 and revoked[0]["revoked"] is True
+    code, _, stderr = ctl("generate", "--model", "tiny", "fever", key=key)
+    assert code != 0 and "Unauthenticated" in stderr
+    code, events, _ = ctl("audit", "list", "--key-id", created[0]["id"])
+    assert code == 0
+    assert [(e["method"], e["status_code"]) for e in events][-3:] == [
+        ("medbox.v1.Inference/GenerateStream", 0),
+        ("medbox.v1.Admin/Status", 7),
+        ("medbox.v1.Inference/GenerateStream", 16),
+    ]
+    code, verdict, _ = ctl("audit", "verify")
+    assert code == 0 and verdict[0]["ok"] is True and verdict[0]["checked"] > 5

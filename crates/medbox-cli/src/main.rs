@@ -92,12 +92,68 @@ enum Command {
         #[arg(required = true)]
         texts: Vec<String>,
     },
+    /// API keys: create (the secret is printed once), list, revoke.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// The audit trail: list events, verify the hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Show how a model's tokenizer splits a text.
     Tokenize {
         #[arg(long)]
         model: String,
         text: String,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; prints its id and secret (shown this once).
+    Create {
+        #[arg(long)]
+        label: String,
+        /// Comma-separated: inference, agents, finetune, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// Department or tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Expiry as unix seconds, or a duration from now such as 30d, 12h, 90m.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List keys (no secrets).
+    List,
+    /// Revoke a key by id; it fails from the next request on.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Events oldest first; with --json, one JSON object per line (an export).
+    List {
+        /// Unix seconds, or a duration back from now such as 24h or 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this key's events (its id, mbk_…).
+        #[arg(long)]
+        key_id: Option<String>,
+        /// e.g. medbox.v1.Inference/Generate
+        #[arg(long)]
+        method: Option<String>,
+        /// gRPC status code number (0 = OK).
+        #[arg(long)]
+        status: Option<i32>,
+        /// At most this many events (all when absent).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Recompute the hash chain; exits non-zero when it is broken.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -231,6 +287,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             chat(&client, model, system.as_deref(), sampling, cli.json).await
         }
         Command::Embed { model, texts } => embed(&client, model, texts, cli.json).await,
+        Command::Keys { command } => keys(&client, command, cli.json).await,
+        Command::Audit { command } => audit(&client, command, cli.json).await,
         Command::Tokenize { model, text } => tokenize(&client, model, text, cli.json).await,
     }
 }
@@ -537,6 +595,260 @@ async fn embed(
                 head.join(" "),
                 text
             );
+        }
+    }
+    Ok(())
+}
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A duration such as `30d`, `12h`, `90m`, `45s`.
+fn parse_duration_seconds(text: &str) -> Option<i64> {
+    let (number, unit) = text.split_at(text.len().checked_sub(1)?);
+    let number: i64 = number.parse().ok()?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    Some(number * scale)
+}
+
+/// Unix seconds, or a duration applied to now in `direction` (+1 ahead, -1 back); answered in milliseconds.
+fn parse_time_ms(flag: &str, text: &str, direction: i64) -> anyhow::Result<i64> {
+    if let Ok(seconds) = text.parse::<i64>() {
+        return Ok(seconds * 1000);
+    }
+    match parse_duration_seconds(text) {
+        Some(seconds) => Ok((now_seconds() + direction * seconds) * 1000),
+        None => {
+            bail!("{flag} `{text}` is neither unix seconds nor a duration such as 30d, 12h, 90m")
+        }
+    }
+}
+
+fn format_time_ms(ms: i64) -> String {
+    let seconds = ms / 1000;
+    let days = seconds.div_euclid(86_400);
+    let rest = seconds.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+fn key_json(key: &pb::ApiKey) -> serde_json::Value {
+    json!({
+        "id": key.id,
+        "label": key.label,
+        "scopes": key.scopes,
+        "tenant": key.tenant,
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+        "last_used_at": key.last_used_at,
+    })
+}
+
+async fn keys(client: &Client, command: &KeysCommand, as_json: bool) -> anyhow::Result<()> {
+    let mut admin = pb::admin_client::AdminClient::new(client.channel.clone());
+    match command {
+        KeysCommand::Create {
+            label,
+            scopes,
+            tenant,
+            expires,
+        } => {
+            let expires_at = match expires {
+                Some(text) => Some(parse_time_ms("--expires", text, 1)?),
+                None => None,
+            };
+            let created = admin
+                .create_api_key(client.request(pb::CreateApiKeyRequest {
+                    label: label.clone(),
+                    scopes: scopes.clone(),
+                    tenant: tenant.clone().unwrap_or_default(),
+                    expires_at,
+                }))
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            if as_json {
+                println!("{}", json!({"id": created.id, "key": created.key}));
+            } else {
+                println!("id:  {}", created.id);
+                println!("key: {}", created.key);
+                eprintln!("(the key is shown this once: store it now)");
+            }
+        }
+        KeysCommand::List => {
+            let keys = admin
+                .list_api_keys(client.request(pb::ListApiKeysRequest {}))
+                .await
+                .map_err(grpc_error)?
+                .into_inner()
+                .keys;
+            if as_json {
+                for key in &keys {
+                    println!("{}", key_json(key));
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<18} {:<28} {:<30} {:<12} STATE",
+                "ID", "LABEL", "SCOPES", "TENANT"
+            );
+            for key in &keys {
+                let state = match (key.revoked_at, key.expires_at) {
+                    (Some(at), _) => format!("revoked {}", format_time_ms(at)),
+                    (None, Some(at)) if at <= now_seconds() * 1000 => {
+                        format!("expired {}", format_time_ms(at))
+                    }
+                    (None, Some(at)) => format!("active until {}", format_time_ms(at)),
+                    (None, None) => "active".to_owned(),
+                };
+                println!(
+                    "{:<18} {:<28} {:<30} {:<12} {state}",
+                    key.id,
+                    key.label,
+                    key.scopes.join(","),
+                    key.tenant
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            let reply = admin
+                .revoke_api_key(client.request(pb::RevokeApiKeyRequest { id: id.clone() }))
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            if as_json {
+                println!("{}", json!({"id": id, "revoked": reply.revoked}));
+            } else if reply.revoked {
+                println!("revoked {id}");
+            } else {
+                println!("{id} was already revoked");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn audit(client: &Client, command: &AuditCommand, as_json: bool) -> anyhow::Result<()> {
+    let mut admin = pb::admin_client::AdminClient::new(client.channel.clone());
+    match command {
+        AuditCommand::List {
+            since,
+            key_id,
+            method,
+            status,
+            limit,
+        } => {
+            let since = match since {
+                Some(text) => parse_time_ms("--since", text, -1)?,
+                None => 0,
+            };
+            let mut after_id = 0;
+            let mut printed = 0u64;
+            if !as_json {
+                println!(
+                    "{:>7} {:<21} {:<18} {:<40} {:<18} {:>4} {:>9} TOKENS",
+                    "ID", "TIME", "KEY", "METHOD", "TARGET", "CODE", "MS"
+                );
+            }
+            loop {
+                let page_size = limit.map_or(1000, |limit| (limit - printed).min(1000)) as u32;
+                if page_size == 0 {
+                    break;
+                }
+                let events = admin
+                    .list_audit_events(client.request(pb::ListAuditEventsRequest {
+                        since,
+                        key_id: key_id.clone().unwrap_or_default(),
+                        method: method.clone().unwrap_or_default(),
+                        status_code: *status,
+                        after_id,
+                        limit: page_size,
+                        ..Default::default()
+                    }))
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner()
+                    .events;
+                let Some(last) = events.last() else { break };
+                after_id = last.id;
+                for event in &events {
+                    if as_json {
+                        println!(
+                            "{}",
+                            json!({
+                                "id": event.id, "at": event.at, "key_id": event.key_id, "key_label": event.key_label,
+                                "method": event.method, "target": event.target, "status_code": event.status_code,
+                                "error_kind": event.error_kind, "latency_us": event.latency_us,
+                                "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                                "request_id": event.request_id, "client_addr": event.client_addr,
+                                "prev_hash": event.prev_hash, "hash": event.hash,
+                            })
+                        );
+                    } else {
+                        println!(
+                            "{:>7} {:<21} {:<18} {:<40} {:<18} {:>4} {:>9.1} {}+{}",
+                            event.id,
+                            format_time_ms(event.at),
+                            event.key_id,
+                            event.method,
+                            event.target,
+                            event.status_code,
+                            event.latency_us as f64 / 1000.0,
+                            event.prompt_tokens,
+                            event.completion_tokens
+                        );
+                    }
+                }
+                printed += events.len() as u64;
+            }
+        }
+        AuditCommand::Verify => {
+            let verdict = admin
+                .verify_audit_chain(client.request(pb::VerifyAuditChainRequest {}))
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"ok": verdict.ok, "checked": verdict.checked, "first_broken_id": verdict.first_broken_id, "reason": verdict.reason})
+                );
+            } else if verdict.ok {
+                println!("audit chain intact: {} events checked", verdict.checked);
+            } else {
+                println!(
+                    "AUDIT CHAIN BROKEN at event {}: {} ({} events intact before it)",
+                    verdict.first_broken_id, verdict.reason, verdict.checked
+                );
+            }
+            if !verdict.ok {
+                bail!("the audit chain is broken");
+            }
         }
     }
     Ok(())

@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use tokio::sync::mpsc;
 use tracing::{debug, info, instrument, warn};
 
+use crate::chat::{self, ChatRequest, ChatTemplate};
 use crate::detokenize::IncrementalDecoder;
 use crate::error::{EngineError, LoadError, RuntimeError, ValidationError};
 use crate::loader::{self, LoadedModel};
@@ -111,10 +112,21 @@ struct Shared {
     info: ModelInfo,
     tokenizer: Arc<tokenizers::Tokenizer>,
     validator: Validator,
+    chat_template: Option<ChatTemplate>,
+    thinks: bool,
     commands: SyncSender<Command>,
     max_waiting: usize,
     next_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the engine thread hands back once the model is loaded.
+struct Ready {
+    info: ModelInfo,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    validator: Validator,
+    chat_template: Option<ChatTemplate>,
+    thinks: bool,
 }
 
 /// A handle to one loaded model's engine thread. Clones share the thread.
@@ -172,6 +184,8 @@ impl Engine {
                     tokenizer,
                     info,
                     validator,
+                    chat_template,
+                    thinks,
                 } = loaded;
                 info!(
                     model = %info.name,
@@ -187,7 +201,14 @@ impl Engine {
                     info: info.clone(),
                     running: None,
                 };
-                if ready_sender.send(Ok((info, tokenizer, validator))).is_err() {
+                let ready = Ready {
+                    info,
+                    tokenizer,
+                    validator,
+                    chat_template,
+                    thinks,
+                };
+                if ready_sender.send(Ok(ready)).is_err() {
                     return;
                 }
                 worker.run(command_receiver);
@@ -196,7 +217,13 @@ impl Engine {
         let ready = ready_receiver
             .recv()
             .map_err(|_| LoadError::Thread("the engine thread panicked while loading".into()));
-        let (info, tokenizer, validator) = match ready {
+        let Ready {
+            info,
+            tokenizer,
+            validator,
+            chat_template,
+            thinks,
+        } = match ready {
             Ok(Ok(ready)) => ready,
             Ok(Err(error)) | Err(error) => {
                 let _ = thread.join();
@@ -208,6 +235,8 @@ impl Engine {
                 info,
                 tokenizer,
                 validator,
+                chat_template,
+                thinks,
                 commands,
                 max_waiting,
                 next_id: AtomicU64::new(0),
@@ -250,6 +279,46 @@ impl Engine {
                 .map(|encoding| encoding.get_ids().to_vec())
                 .map_err(|error| error.to_string())
         })
+    }
+
+    /// Checks a chat request against this model: the roles, then the
+    /// messages rendered with the model's chat template (generation prompt
+    /// added, special tokens written by the template, so none are added when
+    /// tokenising), then everything `validate` checks.
+    pub fn validate_chat(
+        &self,
+        request: ChatRequest,
+    ) -> Result<ValidGenerateRequest, ValidationError> {
+        let ChatRequest { messages, sampling } = request;
+        chat::check_messages(&messages)?;
+        let template =
+            self.shared
+                .chat_template
+                .as_ref()
+                .ok_or_else(|| ValidationError::NoChatTemplate {
+                    model: self.shared.info.name.clone(),
+                })?;
+        let prompt = chat::render_messages(template, &messages)?;
+        let starts_in_reasoning = chat::ends_in_reasoning(&prompt);
+        let tokenizer = &self.shared.tokenizer;
+        let mut valid =
+            self.shared
+                .validator
+                .validate(GenerateRequest { prompt, sampling }, |prompt| {
+                    tokenizer
+                        .encode(prompt, false)
+                        .map(|encoding| encoding.get_ids().to_vec())
+                        .map_err(|error| error.to_string())
+                })?;
+        valid.starts_in_reasoning = starts_in_reasoning;
+        Ok(valid)
+    }
+
+    /// Whether this model's answers may contain `<think>…</think>`: its
+    /// tokenizer has a `<think>` token or its chat template writes one.
+    /// Split them with `ReasoningSplitter`.
+    pub fn thinks(&self) -> bool {
+        self.shared.thinks
     }
 
     /// Queues a request; never blocks. `QueueFull` when `max_waiting`

@@ -55,6 +55,8 @@ pub enum LoadError {
     DeviceUnavailable { device: String, message: String },
     #[error("the engine thread could not start: {0}")]
     Thread(String),
+    #[error("`{path}` has an invalid chat template: {message}")]
+    ChatTemplate { path: PathBuf, message: String },
 }
 
 impl LoadError {
@@ -73,6 +75,7 @@ impl LoadError {
             LoadError::VocabMismatch { .. } => "vocab_mismatch",
             LoadError::DeviceUnavailable { .. } => "device_unavailable",
             LoadError::Thread(_) => "thread",
+            LoadError::ChatTemplate { .. } => "chat_template",
         }
     }
 }
@@ -154,6 +157,20 @@ pub enum ValidationError {
     },
     #[error("prompt could not be tokenized: {0}")]
     Tokenizer(String),
+    #[error("texts must not be empty")]
+    EmptyTexts,
+    #[error("texts must have at most {max} entries (got {got})")]
+    TooManyTexts { max: usize, got: usize },
+    #[error("texts[{index}] must not be empty")]
+    EmptyText { index: usize },
+    #[error("messages must not be empty")]
+    EmptyMessages,
+    #[error("messages[{index}].role `{role}` is not one of system, user, assistant, tool")]
+    MessageRole { index: usize, role: String },
+    #[error("model `{model}` has no chat template")]
+    NoChatTemplate { model: String },
+    #[error("messages could not be rendered with the chat template: {0}")]
+    ChatTemplate(String),
 }
 
 impl ValidationError {
@@ -171,6 +188,13 @@ impl ValidationError {
             ValidationError::EmptyStop { .. } => "empty_stop",
             ValidationError::StopTooLong { .. } => "stop_too_long",
             ValidationError::Tokenizer(_) => "tokenizer",
+            ValidationError::EmptyTexts => "empty_texts",
+            ValidationError::TooManyTexts { .. } => "too_many_texts",
+            ValidationError::EmptyText { .. } => "empty_text",
+            ValidationError::EmptyMessages => "empty_messages",
+            ValidationError::MessageRole { .. } => "message_role",
+            ValidationError::NoChatTemplate { .. } => "no_chat_template",
+            ValidationError::ChatTemplate(_) => "chat_template",
         }
     }
 }

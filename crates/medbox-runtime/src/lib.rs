@@ -5,12 +5,18 @@
 //! - `config`: the public `DType` and `Device`, and the serde view of a
 //!   checkpoint's `config.json` / `generation_config.json` /
 //!   `tokenizer_config.json` (transformers 4.x and 5.x keys alike).
-//! - `weights`: safetensors reading, single file or sharded index.
+//! - `weights`: safetensors reading, single file or sharded index, one
+//!   tensor at a time straight into its final dtype and device.
+//! - `bert`, `embedding`: the `BertModel` encoder and the `Embedder` handle
+//!   that serves sentence-transformers embeddings from its own thread.
 //! - `model`: the decoder (`RmsNorm`, `RotaryEmbedding`, `KvCache`,
 //!   `Attention`, `Mlp`, `Block`, `Model`), one implementation driven by
 //!   config for Llama, Mistral, Qwen2 and Qwen3.
 //! - `loader`: a model folder → checked model, tokenizer and `ModelInfo`.
 //! - `validation`: `GenerateRequest` → `ValidGenerateRequest`.
+//! - `chat`, `reasoning`: chat prompts rendered with the model's own Jinja
+//!   template (`Engine::validate_chat`), and the `ReasoningSplitter` that
+//!   separates `<think>…</think>` from the answer, streamed or whole.
 //! - `sampling`, `detokenize`, `stop`: token choice, UTF-8-safe incremental
 //!   decoding and stop-string hold-back, all plain Rust and unit-tested
 //!   without a model.
@@ -41,12 +47,16 @@
 //! `scripts/make-tiny-model` (cached in `$MEDBOX_CACHE/models`) and compare
 //! logits and greedy tokens with transformers through `tests/it/reference.py`.
 
+mod bert;
+mod chat;
 mod config;
 mod detokenize;
+mod embedding;
 mod engine;
 mod error;
 mod loader;
 mod model;
+mod reasoning;
 mod sampling;
 mod stop;
 mod validation;
@@ -54,11 +64,14 @@ mod weights;
 
 use std::path::PathBuf;
 
+pub use chat::{ChatMessage, ChatRequest};
 pub use config::{Architecture, DType, Device};
+pub use embedding::{EmbedError, Embedder, EmbeddingInfo, MAX_EMBED_TEXTS};
 pub use engine::{
     Engine, FinishReason, GenerationEvent, GenerationStream, MAX_WAITING_LIMIT, Token, Usage,
 };
 pub use error::{EngineError, LoadError, RuntimeError, ValidationError};
+pub use reasoning::{ReasoningDelta, ReasoningSplitter};
 pub use validation::{GenerateRequest, SamplingParams, ValidGenerateRequest};
 
 /// How to start an engine for one model.

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::ModelInfo;
+use crate::chat::ChatTemplate;
 use crate::config::{DType, Device, GenerationConfig, ModelConfig, ModelFiles, TokenizerConfig};
 use crate::error::LoadError;
 use crate::model::Model;
@@ -18,6 +19,10 @@ pub(crate) struct LoadedModel {
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub info: ModelInfo,
     pub validator: Validator,
+    /// The model's compiled chat template, if it has one.
+    pub chat_template: Option<ChatTemplate>,
+    /// Whether answers may contain `<think>…</think>`.
+    pub thinks: bool,
 }
 
 /// Everything but the weights: cheap, and enough to validate requests.
@@ -99,6 +104,11 @@ pub(crate) fn load(
     let _no_grad = tch::no_grad_guard();
     check_device(device)?;
     let metadata = read_metadata(dir)?;
+    let chat_template = ChatTemplate::load(dir)?;
+    let thinks = metadata.tokenizer.token_to_id("<think>").is_some()
+        || chat_template
+            .as_ref()
+            .is_some_and(ChatTemplate::mentions_think);
     let settings = &metadata.settings;
     let dtype = dtype.or(settings.checkpoint_dtype).unwrap_or(DType::F32);
     let weights = Weights::read(dir, dtype, device.to_tch())?;
@@ -128,5 +138,7 @@ pub(crate) fn load(
         tokenizer: Arc::new(metadata.tokenizer),
         info,
         validator,
+        chat_template,
+        thinks,
     })
 }

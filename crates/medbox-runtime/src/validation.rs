@@ -39,6 +39,8 @@ pub struct ValidGenerateRequest {
     pub(crate) sampling: ResolvedSampling,
     pub(crate) stop: Vec<String>,
     pub(crate) ignore_eos: bool,
+    /// The prompt ends inside an open `<think>` (chat only).
+    pub(crate) starts_in_reasoning: bool,
 }
 
 impl ValidGenerateRequest {
@@ -47,9 +49,22 @@ impl ValidGenerateRequest {
         self.prompt_tokens.len()
     }
 
+    /// The prompt's token ids, as the model will see them.
+    pub fn prompt_token_ids(&self) -> &[u32] {
+        &self.prompt_tokens
+    }
+
     /// The number of tokens generation may produce at most.
     pub fn max_tokens(&self) -> u32 {
         self.max_tokens
+    }
+
+    /// Whether the rendered chat prompt ends inside an open `<think>` (as
+    /// DeepSeek-R1 and Qwen3 thinking templates leave it), so that the
+    /// answer starts with reasoning: give it to `ReasoningSplitter::new`.
+    /// Always false for plain `GenerateRequest`s.
+    pub fn starts_in_reasoning(&self) -> bool {
+        self.starts_in_reasoning
     }
 }
 
@@ -109,6 +124,7 @@ impl Validator {
             sampling: resolved,
             stop: sampling.stop,
             ignore_eos: sampling.ignore_eos,
+            starts_in_reasoning: false,
         })
     }
 

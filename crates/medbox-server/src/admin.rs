@@ -1,9 +1,11 @@
-//! `medbox.v1.Admin`: what IT staff look at on a running box.
+//! `medbox.v1.Admin`: what IT staff and administrators look at and change on
+//! a running box: model states, API keys and the audit trail.
 
 use medbox_proto::v1 as pb;
+use medbox_store::{ApiKeyRecord, AuditFilter, NewApiKey, StoreError};
 use tonic::{Code, Request, Response, Status};
 
-use crate::state::AppState;
+use crate::{auth::SCOPES, error::ApiError, request_log::RequestRecord, state::AppState};
 
 pub struct AdminService {
     state: AppState,
@@ -13,6 +15,41 @@ impl AdminService {
     pub fn new(state: AppState) -> AdminService {
         AdminService { state }
     }
+}
+
+/// Writes the record and answers.
+fn answer<T>(record: RequestRecord, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
+    match result {
+        Ok(message) => {
+            record.finish(Code::Ok, None);
+            Ok(Response::new(message))
+        }
+        Err(err) => {
+            record.finish(err.code(), Some(err.kind()));
+            Err(err.into())
+        }
+    }
+}
+
+fn store_error(err: StoreError) -> ApiError {
+    ApiError::Internal(format!("store: {err}"))
+}
+
+fn key_to_proto(record: ApiKeyRecord) -> pb::ApiKey {
+    pb::ApiKey {
+        id: record.id,
+        label: record.label,
+        scopes: record.scopes,
+        tenant: record.tenant.unwrap_or_default(),
+        created_at: record.created_at_ms,
+        expires_at: record.expires_at_ms,
+        revoked_at: record.revoked_at_ms,
+        last_used_at: record.last_used_at_ms,
+    }
+}
+
+fn non_empty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
 }
 
 #[tonic::async_trait]
@@ -25,10 +62,9 @@ impl pb::admin_server::Admin for AdminService {
         let record = self
             .state
             .log
-            .begin("Admin.ListModels", request.remote_addr());
+            .begin_for("medbox.v1.Admin/ListModels", &request);
         let models = self.state.model_statuses();
-        record.finish(Code::Ok, None);
-        Ok(Response::new(pb::ListModelsResponse { models }))
+        answer(record, Ok(pb::ListModelsResponse { models }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -36,14 +72,198 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let record = self.state.log.begin("Admin.Status", request.remote_addr());
+        let record = self.state.log.begin_for("medbox.v1.Admin/Status", &request);
         let response = pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: self.state.started.elapsed().as_secs(),
             storage: self.state.store.backend().as_str().to_owned(),
             models: self.state.model_statuses(),
         };
-        record.finish(Code::Ok, None);
-        Ok(Response::new(response))
+        answer(record, Ok(response))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Admin/CreateApiKey", &request);
+        let request = request.into_inner();
+        let result = async {
+            if request.label.trim().is_empty() {
+                return Err(ApiError::MissingField("label"));
+            }
+            if request.scopes.is_empty() {
+                return Err(ApiError::MissingField("scopes"));
+            }
+            if let Some(bad) = request.scopes.iter().find(|scope| !SCOPES.contains(&scope.as_str())) {
+                return Err(ApiError::InvalidField {
+                    field: "scopes",
+                    reason: format!("`{bad}` is not one of {}", SCOPES.join(", ")),
+                });
+            }
+            if let Some(expires_at) = request.expires_at
+                && expires_at <= crate::auth::now_ms()
+            {
+                return Err(ApiError::InvalidField {
+                    field: "expires_at",
+                    reason: "must be in the future (unix milliseconds)".into(),
+                });
+            }
+            let created = self
+                .state
+                .store
+                .create_api_key(&NewApiKey {
+                    label: request.label,
+                    scopes: request.scopes,
+                    tenant: non_empty(request.tenant),
+                    expires_at_ms: request.expires_at,
+                })
+                .await
+                .map_err(store_error)?;
+            tracing::info!(key_id = %created.record.id, label = %created.record.label, scopes = ?created.record.scopes, "API key created");
+            Ok(pb::CreateApiKeyResponse {
+                id: created.record.id.clone(),
+                key: created.secret,
+                api_key: Some(key_to_proto(created.record)),
+            })
+        }
+        .await;
+        answer(record, result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let mut record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Admin/RevokeApiKey", &request);
+        let id = request.into_inner().id;
+        record.model = non_empty(id.clone());
+        let result = async {
+            if id.is_empty() {
+                return Err(ApiError::MissingField("id"));
+            }
+            let store = &self.state.store;
+            if store.get_api_key(&id).await.map_err(store_error)?.is_none() {
+                return Err(ApiError::KeyNotFound(id));
+            }
+            let revoked = store
+                .revoke_api_key(&id, crate::auth::now_ms())
+                .await
+                .map_err(store_error)?;
+            tracing::info!(key_id = %id, revoked, "API key revoked");
+            Ok(pb::RevokeApiKeyResponse { revoked })
+        }
+        .await;
+        answer(record, result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Admin/ListApiKeys", &request);
+        let result = self
+            .state
+            .store
+            .list_api_keys()
+            .await
+            .map(|keys| pb::ListApiKeysResponse {
+                keys: keys.into_iter().map(key_to_proto).collect(),
+            })
+            .map_err(store_error);
+        answer(record, result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Admin/ListAuditEvents", &request);
+        let request = request.into_inner();
+        let filter = AuditFilter {
+            since_ms: (request.since > 0).then_some(request.since),
+            until_ms: (request.until > 0).then_some(request.until),
+            key_id: non_empty(request.key_id),
+            method: non_empty(request.method),
+            status_code: request.status_code,
+            after_id: (request.after_id > 0).then_some(request.after_id),
+            limit: request.limit,
+        };
+        let result = self
+            .state
+            .store
+            .list_audit_events(&filter)
+            .await
+            .map(|events| pb::ListAuditEventsResponse {
+                events: events
+                    .into_iter()
+                    .map(|event| pb::AuditEvent {
+                        id: event.id,
+                        at: event.at_ms,
+                        key_id: event.key_id.unwrap_or_default(),
+                        key_label: event.key_label.unwrap_or_default(),
+                        method: event.method,
+                        target: event.target.unwrap_or_default(),
+                        status_code: event.status_code,
+                        error_kind: event.error_kind.unwrap_or_default(),
+                        latency_us: event.latency_us,
+                        prompt_tokens: event.prompt_tokens,
+                        completion_tokens: event.completion_tokens,
+                        request_id: event.request_id.unwrap_or_default(),
+                        client_addr: event.client_addr.unwrap_or_default(),
+                        prev_hash: event.prev_hash,
+                        hash: event.hash,
+                    })
+                    .collect(),
+            })
+            .map_err(store_error);
+        answer(record, result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn verify_audit_chain(
+        &self,
+        request: Request<pb::VerifyAuditChainRequest>,
+    ) -> Result<Response<pb::VerifyAuditChainResponse>, Status> {
+        let record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Admin/VerifyAuditChain", &request);
+        // Events still queued would be missing from the check: let them land first.
+        self.state.log.flush().await;
+        let result = self
+            .state
+            .store
+            .verify_audit_chain()
+            .await
+            .map(|verdict| {
+                if !verdict.ok {
+                    tracing::error!(first_broken_id = ?verdict.first_broken_id, reason = ?verdict.reason, "the audit chain is broken");
+                }
+                pb::VerifyAuditChainResponse {
+                    ok: verdict.ok,
+                    checked: verdict.checked,
+                    first_broken_id: verdict.first_broken_id.unwrap_or_default(),
+                    reason: verdict.reason.unwrap_or_default(),
+                }
+            })
+            .map_err(store_error);
+        answer(record, result)
     }
 }

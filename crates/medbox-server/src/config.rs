@@ -24,7 +24,90 @@ pub struct Config {
     #[serde(default)]
     pub storage: StorageConfig,
     #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// API keys on every RPC but health and reflection. `false` is accepted
+    /// only on a loopback listener. With no admin key in the store, medboxd
+    /// creates one at start and writes it to `<data_dir>/admin.key` (0600).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { enabled: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Protection of the box from overload, per key and overall.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Per API key: sustained requests per second...
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: f64,
+    /// ...and how many may come at once above that rate.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// Per API key: generated tokens per minute; 0 = no limit.
+    #[serde(default)]
+    pub tokens_per_minute: u64,
+    /// RPCs in flight over the whole box; the next one is refused at once
+    /// with RESOURCE_EXHAUSTED (load shedding) rather than queued.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// Largest request message accepted.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Deadline for an RPC whose client set none (the client's own
+    /// `grpc-timeout` is honoured when shorter).
+    #[serde(default = "default_request_timeout_seconds")]
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            requests_per_second: default_requests_per_second(),
+            burst: default_burst(),
+            tokens_per_minute: 0,
+            max_concurrent_requests: default_max_concurrent_requests(),
+            max_request_bytes: default_max_request_bytes(),
+            request_timeout_seconds: default_request_timeout_seconds(),
+        }
+    }
+}
+
+fn default_requests_per_second() -> f64 {
+    50.0
+}
+
+fn default_burst() -> u32 {
+    100
+}
+
+fn default_max_concurrent_requests() -> usize {
+    256
+}
+
+fn default_max_request_bytes() -> usize {
+    4 * 1024 * 1024
+}
+
+fn default_request_timeout_seconds() -> u64 {
+    600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -170,6 +253,12 @@ pub enum ConfigError {
         "server.metrics_listen: `{value}` is not an address such as 127.0.0.1:9464 (or \"\" for none)"
     )]
     BadMetricsListen { value: String },
+    #[error(
+        "auth.enabled = false is accepted only on a loopback listener, and server.listen is {listen}"
+    )]
+    AuthOffNonLoopback { listen: SocketAddr },
+    #[error("limits.{key} must be greater than 0")]
+    ZeroLimit { key: &'static str },
     #[error("server.log_format: `{value}` is not one of text, json")]
     BadLogFormat { value: String },
     #[error("models[{index}].name must not be empty")]
@@ -341,7 +430,28 @@ impl Config {
 
     /// Checks what can be checked without binding ports or opening files for writing.
     pub fn validate(&self) -> Result<Vec<ValidModelConfig>, ConfigError> {
-        self.listen_addr()?;
+        let listen = self.listen_addr()?;
+        if !self.auth.enabled && !listen.ip().is_loopback() {
+            return Err(ConfigError::AuthOffNonLoopback { listen });
+        }
+        let limits = &self.limits;
+        for (key, zero) in [
+            ("requests_per_second", limits.requests_per_second <= 0.0),
+            ("burst", limits.burst == 0),
+            (
+                "max_concurrent_requests",
+                limits.max_concurrent_requests == 0,
+            ),
+            ("max_request_bytes", limits.max_request_bytes == 0),
+            (
+                "request_timeout_seconds",
+                limits.request_timeout_seconds == 0,
+            ),
+        ] {
+            if zero {
+                return Err(ConfigError::ZeroLimit { key });
+            }
+        }
         self.metrics_addr()?;
         if !matches!(self.server.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::BadLogFormat {
@@ -431,6 +541,11 @@ mod tests {
             "models[1] (`b`): the name or alias `a`",
         );
         check("[server]\nlisten = \"nowhere\"\n", "server.listen");
+        check(
+            "[server]\nlisten = \"0.0.0.0:50051\"\n[auth]\nenabled = false\n",
+            "auth.enabled = false is accepted only on a loopback listener",
+        );
+        check("[limits]\nburst = 0\n", "limits.burst");
     }
 
     #[test]

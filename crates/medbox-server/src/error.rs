@@ -24,6 +24,10 @@ pub enum ApiError {
     },
     #[error("{0} must not be empty")]
     MissingField(&'static str),
+    #[error("{field}: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("API key `{0}` does not exist")]
+    KeyNotFound(String),
     #[error("{0}")]
     Invalid(#[from] ValidationError),
     #[error("model `{0}` has too many waiting requests; retry later")]
@@ -43,6 +47,8 @@ impl ApiError {
             ApiError::ModelFailed { .. } => "model_failed",
             ApiError::WrongModelKind { .. } => "wrong_model_kind",
             ApiError::MissingField(_) => "missing_field",
+            ApiError::InvalidField { .. } => "invalid_field",
+            ApiError::KeyNotFound(_) => "key_not_found",
             ApiError::Invalid(_) => "invalid_argument",
             ApiError::QueueFull(_) => "queue_full",
             ApiError::ShuttingDown => "shutting_down",
@@ -57,6 +63,8 @@ impl ApiError {
             ApiError::ModelFailed { .. } => Code::FailedPrecondition,
             ApiError::WrongModelKind { .. } => Code::InvalidArgument,
             ApiError::MissingField(_) => Code::InvalidArgument,
+            ApiError::InvalidField { .. } => Code::InvalidArgument,
+            ApiError::KeyNotFound(_) => Code::NotFound,
             ApiError::Invalid(_) => Code::InvalidArgument,
             ApiError::QueueFull(_) => Code::ResourceExhausted,
             ApiError::ShuttingDown => Code::Unavailable,

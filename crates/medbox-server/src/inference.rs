@@ -292,7 +292,10 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let mut record = self.state.log.begin("Generate", request.remote_addr());
+        let mut record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Inference/Generate", &request);
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         record.request_id = non_empty(&request_id);
@@ -327,7 +330,7 @@ impl pb::inference_server::Inference for InferenceService {
         let mut record = self
             .state
             .log
-            .begin("GenerateStream", request.remote_addr());
+            .begin_for("medbox.v1.Inference/GenerateStream", &request);
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         record.request_id = non_empty(&request_id);
@@ -352,7 +355,10 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatResponse>, Status> {
-        let mut record = self.state.log.begin("Chat", request.remote_addr());
+        let mut record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Inference/Chat", &request);
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         record.request_id = non_empty(&request_id);
@@ -385,7 +391,10 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
-        let mut record = self.state.log.begin("ChatStream", request.remote_addr());
+        let mut record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Inference/ChatStream", &request);
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         record.request_id = non_empty(&request_id);
@@ -411,7 +420,10 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
-        let mut record = self.state.log.begin("Embed", request.remote_addr());
+        let mut record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Inference/Embed", &request);
         let request = request.into_inner();
         record.request_id = non_empty(&request.request_id);
         if request.model.is_empty() {
@@ -446,7 +458,10 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
-        let mut record = self.state.log.begin("Tokenize", request.remote_addr());
+        let mut record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Inference/Tokenize", &request);
         let request = request.into_inner();
         let engine = match self.engine(&request.model, "Tokenize", &mut record) {
             Ok(engine) => engine,
@@ -481,7 +496,10 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let record = self.state.log.begin("ListModels", request.remote_addr());
+        let record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Inference/ListModels", &request);
         let models = self.state.model_statuses();
         record.finish(Code::Ok, None);
         Ok(Response::new(pb::ListModelsResponse { models }))

@@ -7,9 +7,11 @@
 //! SQL.
 
 mod admin;
+mod auth;
 pub mod config;
 mod error;
 mod inference;
+mod limits;
 mod metrics;
 mod request_log;
 mod router;

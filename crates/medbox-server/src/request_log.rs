@@ -1,8 +1,11 @@
-//! Writes one row per RPC to the store's request log, off the request path.
+//! Records every RPC, off the request path: one row in the request log (for
+//! operations) and one event in the hash-chained audit trail (for
+//! compliance), plus the Prometheus counters.
 //!
-//! Handlers hand a finished entry to a bounded queue; one task writes them.
-//! When the queue is full (the database is slower than the traffic) the entry
-//! is dropped with a warning rather than slowing the answer down.
+//! Handlers (and the auth layer, for denied calls) hand a finished record to
+//! a bounded queue; one task writes them in order. When the queue is full
+//! (the database is slower than the traffic) the entry is dropped with an
+//! error log rather than slowing the answer down.
 
 use std::{
     net::SocketAddr,
@@ -10,37 +13,88 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use medbox_store::{NewRequestLog, Store};
-use tokio::{sync::mpsc, task::JoinHandle};
+use medbox_store::{NewAuditEvent, NewRequestLog, Store};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 
-use crate::metrics::Metrics;
+use crate::{auth::Caller, limits::KeyLimiter, metrics::Metrics};
 
 const QUEUE_CAPACITY: usize = 1024;
 
 /// The sending side, cloned into every service.
 #[derive(Clone)]
 pub struct RequestLogger {
-    tx: mpsc::Sender<NewRequestLog>,
+    tx: mpsc::Sender<Entry>,
     metrics: Arc<Metrics>,
+    limiter: Arc<KeyLimiter>,
 }
 
 impl RequestLogger {
     /// Starts the writer task; it ends when every logger clone is dropped and the queue drained.
-    pub fn start(store: Store, metrics: Arc<Metrics>) -> (RequestLogger, JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel::<NewRequestLog>(QUEUE_CAPACITY);
+    pub fn start(
+        store: Store,
+        metrics: Arc<Metrics>,
+        limiter: Arc<KeyLimiter>,
+    ) -> (RequestLogger, JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Entry>(QUEUE_CAPACITY);
         let writer = tokio::spawn(async move {
             while let Some(entry) = rx.recv().await {
-                if let Err(err) = store.record_request(&entry).await {
-                    tracing::warn!(error = %err, method = %entry.method, "could not write the request log");
+                match entry {
+                    Entry::Finished(finished) => {
+                        let (request, audit) = *finished;
+                        if let Err(err) = store.append_audit_event(&audit).await {
+                            tracing::error!(error = %err, method = %audit.method, "could not append to the audit trail");
+                        }
+                        if let Err(err) = store.record_request(&request).await {
+                            tracing::warn!(error = %err, method = %request.method, "could not write the request log");
+                        }
+                    }
+                    Entry::Flush(done) => {
+                        let _caller_may_be_gone = done.send(());
+                    }
                 }
             }
         });
-        (RequestLogger { tx, metrics }, writer)
+        (
+            RequestLogger {
+                tx,
+                metrics,
+                limiter,
+            },
+            writer,
+        )
     }
 
-    pub fn begin(&self, method: &'static str, client_addr: Option<SocketAddr>) -> RequestRecord {
+    /// Waits until everything recorded so far is written.
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.tx.send(Entry::Flush(done)).await.is_ok() {
+            let _writer_may_be_gone = written.await;
+        }
+    }
+
+    /// Starts the record of an RPC a service is handling.
+    pub fn begin_for<T>(&self, method: &'static str, request: &tonic::Request<T>) -> RequestRecord {
+        self.begin(
+            method.to_owned(),
+            request.remote_addr(),
+            request.extensions().get::<Caller>(),
+        )
+    }
+
+    /// Starts the record of an RPC; `method` is the gRPC path without its
+    /// leading slash, e.g. `medbox.v1.Inference/Generate`.
+    pub fn begin(
+        &self,
+        method: String,
+        client_addr: Option<SocketAddr>,
+        caller: Option<&Caller>,
+    ) -> RequestRecord {
         RequestRecord {
             logger: self.clone(),
+            caller: caller.cloned(),
             started: Instant::now(),
             started_at_ms: unix_millis(),
             method,
@@ -55,12 +109,19 @@ impl RequestLogger {
     }
 }
 
+/// What the writer task receives.
+enum Entry {
+    Finished(Box<(NewRequestLog, NewAuditEvent)>),
+    Flush(oneshot::Sender<()>),
+}
+
 /// One RPC being served; `finish` writes it.
 pub struct RequestRecord {
     logger: RequestLogger,
+    caller: Option<Caller>,
     started: Instant,
     started_at_ms: i64,
-    method: &'static str,
+    method: String,
     client_addr: Option<SocketAddr>,
     pub model: Option<String>,
     pub request_id: Option<String>,
@@ -94,7 +155,7 @@ impl RequestRecord {
     fn observe(&self, code: tonic::Code) {
         let metrics = &self.logger.metrics;
         let elapsed = self.started.elapsed();
-        metrics.observe_request(self.method, code, elapsed);
+        metrics.observe_request(&self.method, code, elapsed);
         let Some(model) = &self.model else { return };
         if self.in_flight {
             metrics.requests_in_flight.with_label_values(&[model]).dec();
@@ -124,9 +185,16 @@ impl RequestRecord {
     /// Writes the entry with its gRPC status code and, on failure, the error's kind.
     pub fn finish(self, code: tonic::Code, error_kind: Option<&str>) {
         self.observe(code);
+        if let Some(caller) = &self.caller {
+            self.logger
+                .limiter
+                .charge_tokens(&caller.key_id, self.completion_tokens);
+        }
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         tracing::info!(
-            method = self.method,
+            method = %self.method,
+            key_id = self.caller.as_ref().map(|caller| caller.key_id.as_str()).unwrap_or(""),
+            tenant = self.caller.as_ref().and_then(|caller| caller.tenant.as_deref()).unwrap_or(""),
             model = self.model.as_deref().unwrap_or(""),
             request_id = self.request_id.as_deref().unwrap_or(""),
             code = ?code,
@@ -136,9 +204,25 @@ impl RequestRecord {
             latency_ms,
             "request"
         );
-        let entry = NewRequestLog {
+        let client_addr = self.client_addr.map(|addr| addr.to_string());
+        let audit = NewAuditEvent {
+            at_ms: self.started_at_ms,
+            key_id: self.caller.as_ref().map(|caller| caller.key_id.clone()),
+            key_label: self.caller.as_ref().map(|caller| caller.label.clone()),
+            method: self.method.clone(),
+            target: self.model.clone(),
+            status_code: code as i32,
+            error_kind: error_kind.map(str::to_owned),
+            latency_us: i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX),
+            prompt_tokens: i64::from(self.prompt_tokens),
+            completion_tokens: i64::from(self.completion_tokens),
+            request_id: self.request_id.clone(),
+            client_addr: client_addr.clone(),
+            detail: None,
+        };
+        let request = NewRequestLog {
             started_at_ms: self.started_at_ms,
-            method: self.method.to_owned(),
+            method: self.method,
             model: self.model,
             request_id: self.request_id,
             status_code: code as i32,
@@ -146,10 +230,11 @@ impl RequestRecord {
             prompt_tokens: i64::from(self.prompt_tokens),
             completion_tokens: i64::from(self.completion_tokens),
             latency_ms,
-            client_addr: self.client_addr.map(|addr| addr.to_string()),
+            client_addr,
         };
-        if let Err(mpsc::error::TrySendError::Full(entry)) = self.logger.tx.try_send(entry) {
-            tracing::warn!(method = %entry.method, "request log queue is full; entry dropped");
+        let entry = Entry::Finished(Box::new((request, audit)));
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.logger.tx.try_send(entry) {
+            tracing::error!("the audit queue is full; an RPC record was dropped");
         }
     }
 }

@@ -4,15 +4,17 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use medbox_proto::v1::{admin_server::AdminServer, inference_server::InferenceServer};
-use medbox_store::{NewModel, Store, StoreError};
+use medbox_store::{NewApiKey, NewModel, Store, StoreError};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin::AdminService,
+    auth::{AuthLayer, Gatekeeper},
     config::{Config, ConfigError, ValidModelConfig},
     inference::InferenceService,
+    limits::{AdmissionLayer, KeyLimiter, KeyLimits},
     metrics::{self, Metrics},
     request_log::RequestLogger,
     router::ModelRouter,
@@ -43,6 +45,11 @@ pub enum StartError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("cannot write the first admin key to {path}: {source}")]
+    AdminKeyFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Why the server stopped other than by request.
@@ -123,9 +130,30 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         store.upsert_model(&registry_entry(model)).await?;
     }
     tracing::info!(backend = store.backend().as_str(), "store open");
+    if config.auth.enabled {
+        ensure_admin_key(&store, &config.storage.data_dir).await?;
+    } else {
+        tracing::warn!(
+            listen = %addr,
+            "AUTHENTICATION IS OFF (auth.enabled = false): anyone who can reach {addr} may use every RPC"
+        );
+    }
 
     let router = Arc::new(ModelRouter::new(models));
-    let (log, log_writer) = RequestLogger::start(store.clone(), metrics.clone());
+    let limits = &config.limits;
+    let limiter = Arc::new(KeyLimiter::new(KeyLimits {
+        requests_per_second: limits.requests_per_second,
+        burst: f64::from(limits.burst),
+        tokens_per_minute: (limits.tokens_per_minute > 0)
+            .then_some(limits.tokens_per_minute as f64),
+    }));
+    let (log, log_writer) = RequestLogger::start(store.clone(), metrics.clone(), limiter.clone());
+    let gatekeeper = Arc::new(Gatekeeper {
+        store: store.clone(),
+        enabled: config.auth.enabled,
+        log: log.clone(),
+        limiter,
+    });
     let state = AppState {
         router: router.clone(),
         log,
@@ -177,12 +205,30 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             }
         });
     }
+    let max_bytes = limits.max_request_bytes;
     let serve = tonic::transport::Server::builder()
+        // A deadline for every RPC; a shorter grpc-timeout from the client wins.
+        // When it fires the handler is dropped, which cancels its sequence.
+        .timeout(Duration::from_secs(limits.request_timeout_seconds))
+        // Outermost: who is calling and may they (health and reflection stay
+        // open). First, so that an unauthenticated flood costs one lookup and
+        // never takes a concurrency permit; denials are audited here too.
+        // Per-key rates are checked here, as they need the key.
+        .layer(AuthLayer::new(gatekeeper))
+        // Then the box-wide concurrency limit with load shedding: over the
+        // limit is RESOURCE_EXHAUSTED at once, not a queue that hides overload.
+        // The permit lives as long as the response body, streams included.
+        .layer(AdmissionLayer::new(limits.max_concurrent_requests))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InferenceServer::new(InferenceService::new(state.clone())))
-        .add_service(AdminServer::new(AdminService::new(state)))
+        .add_service(
+            InferenceServer::new(InferenceService::new(state.clone()))
+                .max_decoding_message_size(max_bytes),
+        )
+        .add_service(
+            AdminServer::new(AdminService::new(state)).max_decoding_message_size(max_bytes),
+        )
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener).map(|accepted| {
                 // Tokens go out one small frame at a time: without
@@ -251,4 +297,53 @@ fn registry_entry(model: &ValidModelConfig) -> NewModel {
         device: model.device.to_string(),
         source: "config".to_owned(),
     }
+}
+
+/// On first start with auth on and no active admin key in the store, creates
+/// one and writes its secret to `<data_dir>/admin.key` (mode 0600, written to
+/// a temporary name and renamed). The secret is never logged.
+async fn ensure_admin_key(store: &Store, data_dir: &std::path::Path) -> Result<(), StartError> {
+    if store.count_active_admin_keys(crate::auth::now_ms()).await? > 0 {
+        return Ok(());
+    }
+    let created = store
+        .create_api_key(&NewApiKey {
+            label: "first admin key (created at install)".to_owned(),
+            scopes: vec!["admin".to_owned()],
+            tenant: None,
+            expires_at_ms: None,
+        })
+        .await?;
+    let path = data_dir.join("admin.key");
+    if let Err(source) = write_secret_file(&path, &created.secret) {
+        // A key nobody can read is no use: take it back before failing.
+        let _best_effort = store
+            .revoke_api_key(&created.record.id, crate::auth::now_ms())
+            .await;
+        return Err(StartError::AdminKeyFile { path, source });
+    }
+    tracing::warn!(
+        key_id = %created.record.id,
+        path = %path.display(),
+        "created the first admin key; its secret is in this file (mode 0600) and is shown nowhere else"
+    );
+    Ok(())
+}
+
+fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temporary = path.with_extension("key.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    file.write_all(secret.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
 }

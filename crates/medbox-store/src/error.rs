@@ -47,6 +47,20 @@ pub enum StoreError {
     )]
     InvalidAlias { model: String, alias: String },
 
+    #[error("unknown API key scope `{scope}`: scopes are inference, agents, finetune and admin")]
+    UnknownScope { scope: String },
+
+    #[error("an API key needs at least one scope (inference, agents, finetune or admin)")]
+    NoScopes,
+
+    #[error("the operating system's random number generator failed: {message}")]
+    Randomness { message: String },
+
+    #[error(
+        "the audit chain head (table audit_chain_head) is missing; the audit trail was tampered with or the schema damaged"
+    )]
+    AuditHeadMissing,
+
     #[error("database unavailable while {operation}: {source}; check that the database is running")]
     Unavailable {
         operation: &'static str,
@@ -73,6 +87,10 @@ impl StoreError {
             StoreError::MigrationChanged { .. } => "migration_changed",
             StoreError::Migrate { .. } => "migrate",
             StoreError::InvalidAlias { .. } => "invalid_alias",
+            StoreError::UnknownScope { .. } => "unknown_scope",
+            StoreError::NoScopes => "no_scopes",
+            StoreError::Randomness { .. } => "randomness",
+            StoreError::AuditHeadMissing => "audit_head_missing",
             StoreError::Unavailable { .. } => "unavailable",
             StoreError::Query { .. } => "query",
         }

@@ -2,8 +2,9 @@
 //! PostgreSQL for a site that already runs one.
 //!
 //! The crate owns the schema (embedded migrations, applied by [`Store::open`])
-//! and one typed repository per table: the model registry ([`models`]) and the
-//! per-RPC request log ([`request_log`]).
+//! and one typed repository per concern: the model registry ([`models`]), the
+//! per-RPC request log ([`request_log`]), API keys ([`api_keys`]) and the
+//! hash-chained audit trail ([`audit`]).
 //!
 //! **Architecture Invariant:** only this crate knows SQL. Callers see typed
 //! records and [`StoreError`]; no SQL string, row or pool crosses the API.
@@ -15,9 +16,23 @@
 //! columns and indexes, differing only in DDL spelling (a unit test checks the
 //! versions and names match).
 //!
-//! **Architecture Invariant:** audit-style tables are append-only. The store
-//! offers no update or delete for them, and the schema refuses `UPDATE` with a
-//! trigger.
+//! **Architecture Invariant:** audit-style tables (`request_log`,
+//! `audit_events`) are append-only. The store offers no update or delete for
+//! them, and the schema refuses `UPDATE` with a trigger (`audit_events` also
+//! `DELETE`, and on PostgreSQL `TRUNCATE`).
+//!
+//! **Architecture Invariant:** the audit trail is a hash chain with dense ids.
+//! Each event's SHA-256 covers the previous event's hash and all its own
+//! columns in a fixed, length-prefixed encoding ([`AuditEvent::expected_hash`]);
+//! ids are assigned by the store, never by a sequence; appends are serialized
+//! through the one-row `audit_chain_head` (SQLite `BEGIN IMMEDIATE`, PostgreSQL
+//! its row lock), which also records the newest id and hash so that
+//! [`Store::verify_audit_chain`] notices edited, missing, reordered and
+//! truncated-at-the-end events.
+//!
+//! **Architecture Invariant:** API key secrets are never stored. Only their
+//! SHA-256 is, and it is compared in constant time; records and `Debug`
+//! output never carry the secret or its hash.
 //!
 //! **Architecture Invariant:** timestamps are `BIGINT` unix milliseconds, taken
 //! from the medboxd clock, never from the database's.
@@ -28,6 +43,8 @@
 //! **API Boundary:** no gRPC or serialization here; records are plain structs and
 //! are deliberately not `Serialize`.
 
+pub mod api_keys;
+pub mod audit;
 mod error;
 pub mod models;
 pub mod request_log;
@@ -43,6 +60,8 @@ use sqlx::{
     migrate::Migrator,
 };
 
+pub use api_keys::{ApiKeyRecord, CreatedApiKey, KeyCheck, NewApiKey, SCOPES};
+pub use audit::{AuditEvent, AuditFilter, AuditHead, ChainVerdict, GENESIS_HASH, NewAuditEvent};
 pub use error::StoreError;
 pub use models::{ModelRecord, NewModel};
 pub use request_log::{NewRequestLog, RequestFilter, RequestLog};

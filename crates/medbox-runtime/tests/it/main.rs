@@ -3,6 +3,11 @@
 //! `Engine`, and compare it with transformers (`reference.py`, run with the
 //! `python3` on PATH: source scripts/env.sh first).
 
+mod embedding;
+mod weights;
+
+mod chat;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

@@ -6,6 +6,13 @@
       greedy_ids: N greedy tokens (argmax, end tokens ignored),
       greedy_text: those tokens decoded without special tokens.
   reference.py reshard MODEL_DIR OUT_DIR  -> saves MODEL_DIR as several shards.
+  reference.py chat MODEL_DIR < CONVERSATIONS_JSON -> JSON on stdout: for each
+      conversation (a list of {role, content}), {"text", "ids"} from
+      apply_chat_template(add_generation_prompt=True), rendered and tokenized.
+  reference.py greedy MODEL_DIR PROMPT N DTYPE -> JSON on stdout: prompt_ids and
+      greedy_ids, N greedy tokens with the model in DTYPE (float32, bfloat16, float16).
+  reference.py embed MODEL_DIR < texts.json -> JSON on stdout: the
+      sentence-transformers embeddings of a JSON list of texts, and max_seq_length.
 """
 
 import json
@@ -42,6 +49,32 @@ def logits(model_dir, prompt, count):
     }, sys.stdout)
 
 
+def greedy(model_dir, prompt, count, dtype):
+    tokenizer = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+    ids = tokenizer.encode(prompt).ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model.eval()
+    sequence = list(ids)
+    with torch.no_grad():
+        for _ in range(count):
+            next_logits = model(torch.tensor([sequence])).logits[0, -1]
+            sequence.append(int(torch.argmax(next_logits)))
+    json.dump({"prompt_ids": ids, "greedy_ids": sequence[len(ids):]}, sys.stdout)
+
+
+def embed(model_dir):
+    from sentence_transformers import SentenceTransformer
+
+    texts = json.load(sys.stdin)
+    model = SentenceTransformer(model_dir, device="cpu")
+    vectors = model.encode(texts, convert_to_numpy=True, batch_size=32)
+    json.dump({
+        "embeddings": vectors.tolist(),
+        "max_seq_length": model.max_seq_length,
+        "token_counts": [len(model.tokenizer(text)["input_ids"]) for text in texts],
+    }, sys.stdout)
+
+
 def reshard(model_dir, out_dir):
     model = load(model_dir)
     model.save_pretrained(out_dir, max_shard_size="1MB")
@@ -49,12 +82,28 @@ def reshard(model_dir, out_dir):
         shutil.copy(f"{model_dir}/{name}", f"{out_dir}/{name}")
 
 
+def chat(model_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    results = []
+    for messages in json.load(sys.stdin):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        results.append({"text": text, "ids": list(encoded["input_ids"])})
+    json.dump(results, sys.stdout, ensure_ascii=False)
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     command, *arguments = sys.argv[1:]
     if command == "logits":
         logits(arguments[0], arguments[1], int(arguments[2]))
+    elif command == "greedy":
+        greedy(arguments[0], arguments[1], int(arguments[2]), arguments[3])
+    elif command == "embed":
+        embed(arguments[0])
     elif command == "reshard":
         reshard(arguments[0], arguments[1])
+    elif command == "chat":
+        chat(arguments[0])
     else:
         raise SystemExit(f"unknown command {command}")

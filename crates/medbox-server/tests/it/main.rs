@@ -10,7 +10,14 @@ use std::{
 
 use medbox_proto::v1::{self as pb, admin_client::AdminClient, inference_client::InferenceClient};
 use medbox_server::{RunningServer, config::Config};
-use tonic::{Code, transport::Channel};
+use tonic::{
+    Code,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+mod authorization;
 
 /// The tiny model folder, made once by the project's script (idempotent).
 fn tiny_model() -> &'static Path {
@@ -34,8 +41,36 @@ fn tiny_model() -> &'static Path {
 struct TestServer {
     server: RunningServer,
     channel: Channel,
+    /// The admin key medboxd wrote at first start.
+    admin_key: String,
     _data: tempfile::TempDir,
 }
+
+/// Sends `authorization: Bearer <key>` (or nothing) with every call.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    fn new(key: Option<&str>) -> Bearer {
+        Bearer(key.map(|key| format!("Bearer {key}").parse().unwrap()))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
 
 fn config_text(data_dir: &Path, extra_models: &str) -> String {
     format!(
@@ -65,9 +100,14 @@ async fn start(extra_models: &str) -> TestServer {
         .connect()
         .await
         .unwrap();
+    let admin_key = std::fs::read_to_string(data.path().join("data/admin.key"))
+        .expect("medboxd wrote the first admin key")
+        .trim()
+        .to_owned();
     let test = TestServer {
         server,
         channel,
+        admin_key,
         _data: data,
     };
     test.wait_until_loaded().await;
@@ -75,12 +115,16 @@ async fn start(extra_models: &str) -> TestServer {
 }
 
 impl TestServer {
-    fn inference(&self) -> InferenceClient<Channel> {
-        InferenceClient::new(self.channel.clone())
+    fn inference(&self) -> InferenceClient<Authed> {
+        InferenceClient::with_interceptor(self.channel.clone(), Bearer::new(Some(&self.admin_key)))
+    }
+
+    fn admin(&self) -> AdminClient<Authed> {
+        AdminClient::with_interceptor(self.channel.clone(), Bearer::new(Some(&self.admin_key)))
     }
 
     async fn wait_until_loaded(&self) {
-        let mut admin = AdminClient::new(self.channel.clone());
+        let mut admin = self.admin();
         for _ in 0..600 {
             let models = admin
                 .list_models(pb::ListModelsRequest {})
@@ -280,8 +324,8 @@ async fn metrics_are_scraped() {
         "{body}"
     );
     for needle in [
-        "medbox_requests_total{code=\"OK\",method=\"Generate\"} 1",
-        "medbox_requests_total{code=\"NOT_FOUND\",method=\"Generate\"} 1",
+        "medbox_requests_total{code=\"OK\",method=\"medbox.v1.Inference/Generate\"} 1",
+        "medbox_requests_total{code=\"NOT_FOUND\",method=\"medbox.v1.Inference/Generate\"} 1",
         "medbox_request_duration_seconds_bucket",
         "medbox_time_to_first_token_seconds_count{model=\"tiny\"} 1",
         "medbox_time_per_output_token_seconds_count{model=\"tiny\"} 1",

@@ -30,6 +30,8 @@ macro_rules! on_both_backends {
     };
 }
 
+mod api_keys;
+mod audit;
 mod migrations;
 mod models;
 mod open;
