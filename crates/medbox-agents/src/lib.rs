@@ -176,11 +176,11 @@ pub(crate) fn parse_arguments<T: DeserializeOwned>(arguments: &Value) -> Result<
 /// A tool made of a typed argument struct `A`, a pure function and a typed
 /// result `R`: the shape of every tool in this crate.
 pub struct PureTool<A, R> {
-    pub name: &'static str,
-    pub description: &'static str,
-    pub schema: fn() -> Value,
-    pub compute: fn(A) -> Result<R, ToolError>,
-    pub types: PhantomData<fn(A) -> R>,
+    name: &'static str,
+    description: &'static str,
+    schema: fn() -> Value,
+    compute: fn(A) -> Result<R, ToolError>,
+    types: PhantomData<fn(A) -> R>,
 }
 
 impl<A, R> PureTool<A, R> {

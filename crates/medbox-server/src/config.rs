@@ -25,10 +25,27 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// TLS for the gRPC port; absent means plaintext (loopback only, unless
+    /// `server.allow_plaintext`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM.
+    pub cert: PathBuf,
+    /// The server's private key, PEM.
+    pub key: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to; when
+    /// set, every client must present one (mutual TLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +139,10 @@ pub struct ServerConfig {
     /// How long in-flight requests may run on after SIGTERM before they are cut.
     #[serde(default = "default_shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
+    /// Serve plaintext gRPC on a non-loopback address (behind a TLS proxy,
+    /// say). Without it, such a listener needs `[tls]`.
+    #[serde(default)]
+    pub allow_plaintext: bool,
     /// Log format: "text" (for people) or "json" (one object per line, for collectors).
     #[serde(default = "default_log_format")]
     pub log_format: String,
@@ -132,6 +153,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: default_listen(),
             metrics_listen: default_metrics_listen(),
+            allow_plaintext: false,
             shutdown_grace_seconds: default_shutdown_grace_seconds(),
             log_format: default_log_format(),
         }
@@ -257,6 +279,10 @@ pub enum ConfigError {
         "auth.enabled = false is accepted only on a loopback listener, and server.listen is {listen}"
     )]
     AuthOffNonLoopback { listen: SocketAddr },
+    #[error(
+        "server.listen is {listen}, not a loopback address, and there is no [tls]: set tls.cert and tls.key, or server.allow_plaintext = true if a proxy terminates TLS"
+    )]
+    PlaintextNonLoopback { listen: SocketAddr },
     #[error("limits.{key} must be greater than 0")]
     ZeroLimit { key: &'static str },
     #[error("server.log_format: `{value}` is not one of text, json")]
@@ -434,6 +460,9 @@ impl Config {
         if !self.auth.enabled && !listen.ip().is_loopback() {
             return Err(ConfigError::AuthOffNonLoopback { listen });
         }
+        if self.tls.is_none() && !self.server.allow_plaintext && !listen.ip().is_loopback() {
+            return Err(ConfigError::PlaintextNonLoopback { listen });
+        }
         let limits = &self.limits;
         for (key, zero) in [
             ("requests_per_second", limits.requests_per_second <= 0.0),
@@ -546,6 +575,10 @@ mod tests {
             "auth.enabled = false is accepted only on a loopback listener",
         );
         check("[limits]\nburst = 0\n", "limits.burst");
+        check(
+            "[server]\nlisten = \"0.0.0.0:50051\"\n",
+            "there is no [tls]",
+        );
     }
 
     #[test]

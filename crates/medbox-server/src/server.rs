@@ -45,6 +45,14 @@ pub enum StartError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("tls.{key}: cannot read {path}: {source}")]
+    TlsFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tls: the certificate, key or client CA is not usable: {0}")]
+    Tls(String),
     #[error("cannot write the first admin key to {path}: {source}")]
     AdminKeyFile {
         path: std::path::PathBuf,
@@ -206,7 +214,16 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         });
     }
     let max_bytes = limits.max_request_bytes;
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(server_tls(tls)?)
+            .map_err(|err| StartError::Tls(error_chain(&err)))?;
+        tracing::info!(mutual = tls.client_ca.is_some(), "TLS on");
+    } else if !addr.ip().is_loopback() {
+        tracing::warn!(listen = %addr, "plaintext gRPC on a non-loopback address (server.allow_plaintext)");
+    }
+    let serve = builder
         // A deadline for every RPC; a shorter grpc-timeout from the client wins.
         // When it fires the handler is dropped, which cancels its sequence.
         .timeout(Duration::from_secs(limits.request_timeout_seconds))
@@ -346,4 +363,44 @@ fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()
     file.write_all(b"\n")?;
     file.sync_all()?;
     std::fs::rename(&temporary, path)
+}
+
+fn read_tls_file(key: &'static str, path: &std::path::Path) -> Result<Vec<u8>, StartError> {
+    std::fs::read(path).map_err(|source| StartError::TlsFile {
+        key,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn server_tls(
+    tls: &crate::config::TlsConfig,
+) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let identity = Identity::from_pem(
+        read_tls_file("cert", &tls.cert)?,
+        read_tls_file("key", &tls.key)?,
+    );
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(client_ca) = &tls.client_ca {
+        config = config
+            .client_ca_root(Certificate::from_pem(read_tls_file(
+                "client_ca",
+                client_ca,
+            )?))
+            .client_auth_optional(false);
+    }
+    Ok(config)
+}
+
+/// An error with its sources, for messages that must say what went wrong.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -57,7 +57,7 @@ fn status_kib(field: &str) -> u64 {
 }
 
 /// Peak resident memory while loading `$MEDBOX_CACHE/models/bench-small` (or
-/// `MEDBOX_BENCH_MODEL`). Run alone:
+/// `MEDBOX_BENCH_MODEL`, in `MEDBOX_BENCH_DTYPE` if set). Run alone:
 /// `cargo test --release -p medbox-runtime --test it load_memory -- --ignored --nocapture`.
 #[test]
 #[ignore = "a benchmark: needs a large model, run alone"]
@@ -83,7 +83,11 @@ fn load_memory() {
     let engine = Engine::start(EngineConfig {
         name: "bench".into(),
         path: path.clone(),
-        dtype: None,
+        dtype: std::env::var("MEDBOX_BENCH_DTYPE").ok().map(|dtype| {
+            dtype
+                .parse()
+                .expect("MEDBOX_BENCH_DTYPE is f32, bf16 or f16")
+        }),
         device: Device::Cpu,
         max_waiting: 1,
     })

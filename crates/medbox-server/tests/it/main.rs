@@ -18,6 +18,7 @@ use tonic::{
 };
 
 mod authorization;
+mod tls;
 
 /// The tiny model folder, made once by the project's script (idempotent).
 fn tiny_model() -> &'static Path {
@@ -100,6 +101,15 @@ async fn start(extra_models: &str) -> TestServer {
         .connect()
         .await
         .unwrap();
+    finish_start(server, channel, data).await
+}
+
+/// Waits for the models and reads the admin key of a started server.
+async fn finish_start(
+    server: RunningServer,
+    channel: Channel,
+    data: tempfile::TempDir,
+) -> TestServer {
     let admin_key = std::fs::read_to_string(data.path().join("data/admin.key"))
         .expect("medboxd wrote the first admin key")
         .trim()
