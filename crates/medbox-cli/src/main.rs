@@ -160,6 +160,27 @@ enum AuditCommand {
 enum ModelsCommand {
     /// List the models and their state.
     List,
+    /// Load a model folder under NAME while the others keep serving (with no
+    /// --path: the registered folder of NAME). Aliases move to it when ready.
+    Load {
+        name: String,
+        #[arg(long)]
+        path: Option<String>,
+        /// Repeatable: names clients may use for this model (e.g. medical).
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+        /// causal-lm or embedding.
+        #[arg(long)]
+        kind: Option<String>,
+        /// f32, bf16 or f16.
+        #[arg(long)]
+        dtype: Option<String>,
+        /// cpu or cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Take a model out of service after its in-flight requests.
+    Unload { name: String },
 }
 
 fn main() -> std::process::ExitCode {
@@ -245,6 +266,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models {
             command: ModelsCommand::List,
         } => models_list(&client, cli.json).await,
+        Command::Models {
+            command:
+                ModelsCommand::Load {
+                    name,
+                    path,
+                    aliases,
+                    kind,
+                    dtype,
+                    device,
+                },
+        } => {
+            let request = pb::LoadModelRequest {
+                name: name.clone(),
+                path: path.clone().unwrap_or_default(),
+                aliases: aliases.clone(),
+                kind: kind.clone().unwrap_or_default(),
+                dtype: dtype.clone().unwrap_or_default(),
+                device: device.clone().unwrap_or_default(),
+            };
+            models_load(&client, request, cli.json).await
+        }
+        Command::Models {
+            command: ModelsCommand::Unload { name },
+        } => {
+            let mut admin = pb::admin_client::AdminClient::new(client.channel.clone());
+            admin
+                .unload_model(client.request(pb::UnloadModelRequest { name: name.clone() }))
+                .await
+                .map_err(grpc_error)?;
+            if cli.json {
+                println!("{}", json!({"name": name, "unloaded": true}));
+            } else {
+                println!("unloaded {name}");
+            }
+            Ok(())
+        }
         Command::Generate {
             model,
             max_tokens,
@@ -357,6 +414,32 @@ async fn status(client: &Client, as_json: bool) -> anyhow::Result<()> {
         status.version, status.uptime_seconds, status.storage
     );
     print_model_table(&status.models);
+    Ok(())
+}
+
+async fn models_load(
+    client: &Client,
+    request: pb::LoadModelRequest,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut admin = pb::admin_client::AdminClient::new(client.channel.clone());
+    let started = Instant::now();
+    if !as_json {
+        eprintln!("loading {} …", request.name);
+    }
+    let model = admin
+        .load_model(client.request(request))
+        .await
+        .map_err(grpc_error)?
+        .into_inner()
+        .model
+        .unwrap_or_default();
+    if as_json {
+        println!("{}", model_json(&model));
+    } else {
+        print_model_table(std::slice::from_ref(&model));
+        eprintln!("[ready in {:.1} s]", started.elapsed().as_secs_f64());
+    }
     Ok(())
 }
 

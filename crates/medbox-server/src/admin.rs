@@ -5,7 +5,14 @@ use medbox_proto::v1 as pb;
 use medbox_store::{ApiKeyRecord, AuditFilter, NewApiKey, StoreError};
 use tonic::{Code, Request, Response, Status};
 
-use crate::{auth::SCOPES, error::ApiError, request_log::RequestRecord, state::AppState};
+use crate::{
+    auth::SCOPES,
+    config::{ModelKind, ValidModelConfig},
+    error::ApiError,
+    request_log::RequestRecord,
+    router::ManageError,
+    state::AppState,
+};
 
 pub struct AdminService {
     state: AppState,
@@ -28,6 +35,107 @@ fn answer<T>(record: RequestRecord, result: Result<T, ApiError>) -> Result<Respo
             record.finish(err.code(), Some(err.kind()));
             Err(err.into())
         }
+    }
+}
+
+fn manage_error(err: ManageError) -> ApiError {
+    match err {
+        ManageError::AlreadyLoaded(_) | ManageError::StillLoading(_) => {
+            ApiError::Conflict(err.to_string())
+        }
+        ManageError::AliasIsAModel { .. } => ApiError::InvalidField {
+            field: "aliases",
+            reason: err.to_string(),
+        },
+        ManageError::NotLoaded(name) => ApiError::ModelNotFound(name),
+        ManageError::LoadFailed { name, error } => ApiError::LoadFailed { name, error },
+    }
+}
+
+impl AdminService {
+    /// Checks a LoadModel request; with no path, the registered folder of the name.
+    async fn model_config(
+        &self,
+        request: pb::LoadModelRequest,
+    ) -> Result<ValidModelConfig, ApiError> {
+        if request.name.trim().is_empty() {
+            return Err(ApiError::MissingField("name"));
+        }
+        let (path, kind, dtype, device) = if request.path.is_empty() {
+            let registered = self
+                .state
+                .store
+                .get_model(&request.name)
+                .await
+                .map_err(store_error)?
+                .ok_or_else(|| ApiError::InvalidField {
+                    field: "path",
+                    reason: format!(
+                        "`{}` is not a registered model; give the folder to load",
+                        request.name
+                    ),
+                })?;
+            (
+                registered.path.into(),
+                registered.kind,
+                registered.dtype.unwrap_or_default(),
+                registered.device,
+            )
+        } else {
+            (
+                std::path::PathBuf::from(&request.path),
+                request.kind,
+                request.dtype,
+                request.device,
+            )
+        };
+        let kind = match kind.as_str() {
+            "" | "causal-lm" => ModelKind::CausalLm,
+            "embedding" => ModelKind::Embedding,
+            other => {
+                return Err(ApiError::InvalidField {
+                    field: "kind",
+                    reason: format!("`{other}` is not one of causal-lm, embedding"),
+                });
+            }
+        };
+        let dtype = match dtype.as_str() {
+            "" => None,
+            text => Some(
+                text.parse()
+                    .map_err(|reason: String| ApiError::InvalidField {
+                        field: "dtype",
+                        reason,
+                    })?,
+            ),
+        };
+        let device = match device.as_str() {
+            "" => medbox_runtime::Device::Cpu,
+            text => text
+                .parse()
+                .map_err(|reason: String| ApiError::InvalidField {
+                    field: "device",
+                    reason,
+                })?,
+        };
+        if !path.join("config.json").is_file() {
+            return Err(ApiError::InvalidField {
+                field: "path",
+                reason: format!(
+                    "{} is not a model folder on this box (no config.json there)",
+                    path.display()
+                ),
+            });
+        }
+        Ok(ValidModelConfig {
+            name: request.name,
+            path,
+            kind,
+            aliases: request.aliases,
+            dtype,
+            device,
+            max_waiting: 64,
+        })
     }
 }
 
@@ -80,6 +188,66 @@ impl pb::admin_server::Admin for AdminService {
             models: self.state.model_statuses(),
         };
         answer(record, Ok(response))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn load_model(
+        &self,
+        request: Request<pb::LoadModelRequest>,
+    ) -> Result<Response<pb::LoadModelResponse>, Status> {
+        let mut record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Admin/LoadModel", &request);
+        let request = request.into_inner();
+        record.model = non_empty(request.name.clone());
+        let result = async {
+            let config = self.model_config(request).await?;
+            self.state
+                .store
+                .upsert_model(&crate::server::registry_entry(&config, "admin"))
+                .await
+                .map_err(store_error)?;
+            let view = self
+                .state
+                .router
+                .load_live(config)
+                .await
+                .map_err(manage_error)?;
+            Ok(pb::LoadModelResponse {
+                model: Some(self.state.model_status(view)),
+            })
+        }
+        .await;
+        answer(record, result)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn unload_model(
+        &self,
+        request: Request<pb::UnloadModelRequest>,
+    ) -> Result<Response<pb::UnloadModelResponse>, Status> {
+        let mut record = self
+            .state
+            .log
+            .begin_for("medbox.v1.Admin/UnloadModel", &request);
+        let name = request.into_inner().name;
+        record.model = non_empty(name.clone());
+        let result = async {
+            if name.is_empty() {
+                return Err(ApiError::MissingField("name"));
+            }
+            if let Some(model) = self.state.router.unload(&name).map_err(manage_error)? {
+                // In-flight requests finish first; then the memory goes.
+                tokio::task::spawn_blocking(move || model.shutdown())
+                    .await
+                    .map_err(|err| ApiError::Internal(format!("unloading `{name}`: {err}")))?;
+            }
+            tracing::info!(model = %name, "model unloaded");
+            Ok(pb::UnloadModelResponse {})
+        }
+        .await;
+        answer(record, result)
     }
 
     #[tracing::instrument(skip_all)]

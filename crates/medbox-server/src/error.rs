@@ -29,6 +29,10 @@ pub enum ApiError {
     #[error("API key `{0}` does not exist")]
     KeyNotFound(String),
     #[error("{0}")]
+    Conflict(String),
+    #[error("model `{name}` failed to load: {error}")]
+    LoadFailed { name: String, error: String },
+    #[error("{0}")]
     Invalid(#[from] ValidationError),
     #[error("model `{0}` has too many waiting requests; retry later")]
     QueueFull(String),
@@ -49,6 +53,8 @@ impl ApiError {
             ApiError::MissingField(_) => "missing_field",
             ApiError::InvalidField { .. } => "invalid_field",
             ApiError::KeyNotFound(_) => "key_not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::LoadFailed { .. } => "load_failed",
             ApiError::Invalid(_) => "invalid_argument",
             ApiError::QueueFull(_) => "queue_full",
             ApiError::ShuttingDown => "shutting_down",
@@ -65,6 +71,8 @@ impl ApiError {
             ApiError::MissingField(_) => Code::InvalidArgument,
             ApiError::InvalidField { .. } => Code::InvalidArgument,
             ApiError::KeyNotFound(_) => Code::NotFound,
+            ApiError::Conflict(_) => Code::FailedPrecondition,
+            ApiError::LoadFailed { .. } => Code::FailedPrecondition,
             ApiError::Invalid(_) => Code::InvalidArgument,
             ApiError::QueueFull(_) => Code::ResourceExhausted,
             ApiError::ShuttingDown => Code::Unavailable,

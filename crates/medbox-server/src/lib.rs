@@ -15,7 +15,7 @@ mod limits;
 mod metrics;
 mod request_log;
 mod router;
-mod server;
+pub(crate) mod server;
 mod state;
 
 pub use server::{RunningServer, ServeError, StartError, start};

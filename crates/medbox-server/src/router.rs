@@ -5,7 +5,6 @@
 //! clone of the engine handle and talk to the engine through its channel.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, RwLock},
     time::Instant,
 };
@@ -49,7 +48,7 @@ impl LoadedModel {
     }
 
     /// Stops the engine thread after its in-flight work (blocking).
-    fn shutdown(self) {
+    pub fn shutdown(self) {
         match self {
             LoadedModel::CausalLm(engine) => engine.shutdown(),
             LoadedModel::Embedding(embedder) => embedder.shutdown(),
@@ -99,23 +98,38 @@ struct Slot {
     state: ModelState,
 }
 
-/// The table of served models.
+impl Slot {
+    fn answers_to(&self, name: &str) -> bool {
+        self.config.name == name || self.config.aliases.iter().any(|alias| alias == name)
+    }
+}
+
+/// Why a model cannot be loaded or unloaded live.
+#[derive(Debug, thiserror::Error)]
+pub enum ManageError {
+    #[error(
+        "model `{0}` is already loaded from another folder; unload it first or use another name"
+    )]
+    AlreadyLoaded(String),
+    #[error("model `{0}` is still loading")]
+    StillLoading(String),
+    #[error("`{alias}` is the name of another model and cannot be an alias")]
+    AliasIsAModel { alias: String },
+    #[error("model `{0}` is not loaded")]
+    NotLoaded(String),
+    #[error("model `{name}` failed to load: {error}")]
+    LoadFailed { name: String, error: String },
+}
+
+/// The table of served models. Names and aliases are looked up by a scan:
+/// a box serves a handful of models, and one table has nothing to keep in step.
 pub struct ModelRouter {
-    /// Served models in configuration order.
+    /// Served models, in the order they were configured or loaded.
     slots: RwLock<Vec<Slot>>,
-    /// Name or alias → index into `slots`.
-    names: HashMap<String, usize>,
 }
 
 impl ModelRouter {
     pub fn new(models: Vec<ValidModelConfig>) -> ModelRouter {
-        let mut names = HashMap::new();
-        for (index, model) in models.iter().enumerate() {
-            names.insert(model.name.clone(), index);
-            for alias in &model.aliases {
-                names.insert(alias.clone(), index);
-            }
-        }
         let slots = models
             .into_iter()
             .map(|config| Slot {
@@ -125,36 +139,114 @@ impl ModelRouter {
             .collect();
         ModelRouter {
             slots: RwLock::new(slots),
-            names,
         }
     }
 
-    /// Loads every model, one after the other so that peak memory stays near
-    /// the largest model's; a model that fails is marked failed and the
-    /// others go on.
+    /// Loads every configured model, one after the other so that peak memory
+    /// stays near the largest model's; a model that fails is marked failed
+    /// and the others go on.
     pub async fn load_all(self: &Arc<Self>) {
-        let count = self.read_slots().len();
-        for index in 0..count {
-            let config = self.read_slots()[index].config.clone();
+        let configs: Vec<ValidModelConfig> = self
+            .read_slots()
+            .iter()
+            .filter(|slot| matches!(slot.state, ModelState::Loading))
+            .map(|slot| slot.config.clone())
+            .collect();
+        for config in configs {
             let state = load_one(config.clone()).await;
-            match &state {
-                ModelState::Ready(model) => {
-                    let details = model.details();
-                    tracing::info!(
-                        model = %config.name,
-                        architecture = %details.architecture,
-                        dtype = %details.dtype,
-                        device = %details.device,
-                        "model ready"
-                    );
-                }
-                ModelState::Failed(error) => {
-                    tracing::error!(model = %config.name, %error, "model failed to load");
-                }
-                ModelState::Loading => {}
+            log_outcome(&config.name, &state);
+            if let Some(slot) = self
+                .write_slots()
+                .iter_mut()
+                .find(|slot| slot.config.name == config.name)
+            {
+                slot.state = state;
             }
-            self.write_slots()[index].state = state;
         }
+    }
+
+    /// Loads a model while the others keep serving. Its aliases move to it
+    /// only once it is ready, so `medical` keeps answering from the old
+    /// version until the new one can. Loading a name that is already ready
+    /// from the same folder only moves the aliases (that is how IT rolls back).
+    pub async fn load_live(&self, config: ValidModelConfig) -> Result<ModelView, ManageError> {
+        {
+            let mut slots = self.write_slots();
+            for alias in &config.aliases {
+                if slots
+                    .iter()
+                    .any(|slot| slot.config.name == *alias && slot.config.name != config.name)
+                {
+                    return Err(ManageError::AliasIsAModel {
+                        alias: alias.clone(),
+                    });
+                }
+            }
+            match slots
+                .iter()
+                .position(|slot| slot.config.name == config.name)
+            {
+                Some(index) => match &slots[index].state {
+                    ModelState::Loading => return Err(ManageError::StillLoading(config.name)),
+                    ModelState::Ready(_) if slots[index].config.path != config.path => {
+                        return Err(ManageError::AlreadyLoaded(config.name));
+                    }
+                    ModelState::Ready(_) => {
+                        move_aliases(&mut slots, &config.name, &config.aliases);
+                        return Ok(view_of(&slots[index]));
+                    }
+                    ModelState::Failed(_) => {
+                        slots[index] = Slot {
+                            config: without_aliases(&config),
+                            state: ModelState::Loading,
+                        };
+                    }
+                },
+                None => slots.push(Slot {
+                    config: without_aliases(&config),
+                    state: ModelState::Loading,
+                }),
+            }
+        }
+        let state = load_one(config.clone()).await;
+        log_outcome(&config.name, &state);
+        let mut slots = self.write_slots();
+        let Some(index) = slots
+            .iter()
+            .position(|slot| slot.config.name == config.name)
+        else {
+            // Unloaded while it was loading.
+            return Err(ManageError::NotLoaded(config.name));
+        };
+        if let ModelState::Failed(error) = &state {
+            let error = error.clone();
+            slots[index].state = state;
+            return Err(ManageError::LoadFailed {
+                name: config.name,
+                error,
+            });
+        }
+        slots[index].state = state;
+        move_aliases(&mut slots, &config.name, &config.aliases);
+        Ok(view_of(&slots[index]))
+    }
+
+    /// Takes a model out of the table: new requests get NOT_FOUND at once;
+    /// the returned handle finishes the in-flight ones when shut down.
+    pub fn unload(&self, name: &str) -> Result<Option<LoadedModel>, ManageError> {
+        let mut slots = self.write_slots();
+        let index = slots
+            .iter()
+            .position(|slot| slot.config.name == name)
+            .ok_or_else(|| ManageError::NotLoaded(name.to_owned()))?;
+        if matches!(slots[index].state, ModelState::Loading) {
+            return Err(ManageError::StillLoading(name.to_owned()));
+        }
+        let slot = slots.remove(index);
+        Ok(match slot.state {
+            ModelState::Ready(model) => Some(model),
+            _ => None,
+        })
     }
 
     /// The causal-LM engine that serves `name` (a model name or alias), with the model's name.
@@ -195,12 +287,11 @@ impl ModelRouter {
         kind: ModelKind,
         method: &'static str,
     ) -> Result<(String, LoadedModel), ApiError> {
-        let index = *self
-            .names
-            .get(name)
-            .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))?;
         let slots = self.read_slots();
-        let slot = &slots[index];
+        let slot = slots
+            .iter()
+            .find(|slot| slot.answers_to(name))
+            .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))?;
         if slot.config.kind != kind {
             return Err(ApiError::WrongModelKind {
                 name: slot.config.name.clone(),
@@ -218,23 +309,7 @@ impl ModelRouter {
     }
 
     pub fn views(&self) -> Vec<ModelView> {
-        self.read_slots()
-            .iter()
-            .map(|slot| ModelView {
-                name: slot.config.name.clone(),
-                aliases: slot.config.aliases.clone(),
-                kind: slot.config.kind,
-                state: slot.state.as_str(),
-                error: match &slot.state {
-                    ModelState::Failed(error) => Some(error.clone()),
-                    _ => None,
-                },
-                details: match &slot.state {
-                    ModelState::Ready(model) => Some(model.details()),
-                    _ => None,
-                },
-            })
-            .collect()
+        self.read_slots().iter().map(view_of).collect()
     }
 
     /// Stops every engine after its in-flight work; blocking, so called off the runtime.
@@ -267,6 +342,68 @@ impl ModelRouter {
         self.slots
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn view_of(slot: &Slot) -> ModelView {
+    ModelView {
+        name: slot.config.name.clone(),
+        aliases: slot.config.aliases.clone(),
+        kind: slot.config.kind,
+        state: slot.state.as_str(),
+        error: match &slot.state {
+            ModelState::Failed(error) => Some(error.clone()),
+            _ => None,
+        },
+        details: match &slot.state {
+            ModelState::Ready(model) => Some(model.details()),
+            _ => None,
+        },
+    }
+}
+
+fn without_aliases(config: &ValidModelConfig) -> ValidModelConfig {
+    ValidModelConfig {
+        aliases: Vec::new(),
+        ..config.clone()
+    }
+}
+
+/// Gives `aliases` to model `name`, taking them from whichever model had them.
+fn move_aliases(slots: &mut [Slot], name: &str, aliases: &[String]) {
+    for slot in slots.iter_mut() {
+        if slot.config.name == name {
+            for alias in aliases {
+                if !slot.config.aliases.contains(alias) {
+                    slot.config.aliases.push(alias.clone());
+                }
+            }
+        } else {
+            let before = slot.config.aliases.len();
+            slot.config.aliases.retain(|alias| !aliases.contains(alias));
+            if slot.config.aliases.len() != before {
+                tracing::info!(from = %slot.config.name, to = %name, ?aliases, "aliases moved");
+            }
+        }
+    }
+}
+
+fn log_outcome(name: &str, state: &ModelState) {
+    match state {
+        ModelState::Ready(model) => {
+            let details = model.details();
+            tracing::info!(
+                model = %name,
+                architecture = %details.architecture,
+                dtype = %details.dtype,
+                device = %details.device,
+                "model ready"
+            );
+        }
+        ModelState::Failed(error) => {
+            tracing::error!(model = %name, %error, "model failed to load");
+        }
+        ModelState::Loading => {}
     }
 }
 

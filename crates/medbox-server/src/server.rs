@@ -135,7 +135,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         None => Store::open_in_data_dir(&config.storage.data_dir).await?,
     };
     for model in &models {
-        store.upsert_model(&registry_entry(model)).await?;
+        store.upsert_model(&registry_entry(model, "config")).await?;
     }
     tracing::info!(backend = store.backend().as_str(), "store open");
     if config.auth.enabled {
@@ -304,7 +304,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     })
 }
 
-fn registry_entry(model: &ValidModelConfig) -> NewModel {
+/// A served model as the store's registry records it; `source` says who asked.
+pub(crate) fn registry_entry(model: &ValidModelConfig, source: &str) -> NewModel {
     NewModel {
         name: model.name.clone(),
         path: model.path.display().to_string(),
@@ -312,7 +313,7 @@ fn registry_entry(model: &ValidModelConfig) -> NewModel {
         aliases: model.aliases.clone(),
         dtype: model.dtype.map(|dtype| dtype.to_string()),
         device: model.device.to_string(),
-        source: "config".to_owned(),
+        source: source.to_owned(),
     }
 }
 

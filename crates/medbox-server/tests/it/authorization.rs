@@ -20,6 +20,8 @@ const INFERENCE: &[&str] = &[
 const ADMIN: &[&str] = &[
     "ListModels",
     "Status",
+    "LoadModel",
+    "UnloadModel",
     "CreateApiKey",
     "RevokeApiKey",
     "ListApiKeys",

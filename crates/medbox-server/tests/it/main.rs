@@ -351,3 +351,90 @@ async fn metrics_are_scraped() {
     assert!(!body.contains("Cough"));
     test.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_load_switch_aliases_and_unload_live() {
+    let test = start("").await;
+    let mut admin = test.admin();
+    // A second version of the model, loaded while `tiny` keeps serving;
+    // `medical` moves to it once it is ready.
+    let loaded = admin
+        .load_model(pb::LoadModelRequest {
+            name: "tiny-v2".into(),
+            path: tiny_model().display().to_string(),
+            aliases: vec!["medical".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model
+        .unwrap();
+    assert_eq!(
+        (loaded.state.as_str(), loaded.aliases.clone()),
+        ("ready", vec!["medical".to_owned()])
+    );
+    let mut request = greedy("fever", 2);
+    request.model = "medical".into();
+    let answer = test
+        .inference()
+        .generate(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.model, "tiny-v2");
+    // Roll back: the same name and folder again only moves the alias.
+    admin
+        .load_model(pb::LoadModelRequest {
+            name: "tiny".into(),
+            path: tiny_model().display().to_string(),
+            aliases: vec!["medical".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let answer = test
+        .inference()
+        .generate(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.model, "tiny");
+    // Unload: NOT_FOUND from then on; the registered folder reloads by name.
+    admin
+        .unload_model(pb::UnloadModelRequest {
+            name: "tiny-v2".into(),
+        })
+        .await
+        .unwrap();
+    let mut gone = greedy("fever", 2);
+    gone.model = "tiny-v2".into();
+    assert_eq!(
+        test.inference()
+            .generate(gone.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    admin
+        .load_model(pb::LoadModelRequest {
+            name: "tiny-v2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    test.inference().generate(gone).await.unwrap();
+    // Faults name the field.
+    let status = admin
+        .load_model(pb::LoadModelRequest {
+            name: "x".into(),
+            path: "/no/such/folder".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("path"), "{status:?}");
+    test.server.shutdown().await.unwrap();
+}
