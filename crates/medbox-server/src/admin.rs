@@ -373,6 +373,8 @@ impl pb::admin_server::Admin for AdminService {
             after_id: (request.after_id > 0).then_some(request.after_id),
             limit: request.limit,
         };
+        // Calls just answered may still be queued for the writer.
+        self.state.log.flush().await;
         let result = self
             .state
             .store

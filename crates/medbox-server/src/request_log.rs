@@ -105,6 +105,7 @@ impl RequestLogger {
             completion_tokens: 0,
             first_token: None,
             in_flight: false,
+            written: false,
         }
     }
 }
@@ -130,6 +131,18 @@ pub struct RequestRecord {
     first_token: Option<Instant>,
     /// Counted in `medbox_requests_in_flight` until finished.
     in_flight: bool,
+    /// Written already (by `finish`, or by `drop` for an abandoned RPC).
+    written: bool,
+}
+
+impl Drop for RequestRecord {
+    /// An RPC whose handler was dropped (the client went away, or its
+    /// deadline passed) is still recorded.
+    fn drop(&mut self) {
+        if !self.written {
+            self.write(tonic::Code::Cancelled, Some("abandoned"));
+        }
+    }
 }
 
 impl RequestRecord {
@@ -183,7 +196,12 @@ impl RequestRecord {
     }
 
     /// Writes the entry with its gRPC status code and, on failure, the error's kind.
-    pub fn finish(self, code: tonic::Code, error_kind: Option<&str>) {
+    pub fn finish(mut self, code: tonic::Code, error_kind: Option<&str>) {
+        self.write(code, error_kind);
+    }
+
+    fn write(&mut self, code: tonic::Code, error_kind: Option<&str>) {
+        self.written = true;
         self.observe(code);
         if let Some(caller) = &self.caller {
             self.logger
@@ -222,9 +240,9 @@ impl RequestRecord {
         };
         let request = NewRequestLog {
             started_at_ms: self.started_at_ms,
-            method: self.method,
-            model: self.model,
-            request_id: self.request_id,
+            method: std::mem::take(&mut self.method),
+            model: self.model.take(),
+            request_id: self.request_id.take(),
             status_code: code as i32,
             error_kind: error_kind.map(str::to_owned),
             prompt_tokens: i64::from(self.prompt_tokens),

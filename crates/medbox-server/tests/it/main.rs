@@ -18,6 +18,7 @@ use tonic::{
 };
 
 mod authorization;
+mod limits;
 mod tls;
 
 /// The tiny model folder, made once by the project's script (idempotent).
@@ -90,11 +91,17 @@ fn load_config(text: &str, dir: &Path) -> Config {
 }
 
 async fn start(extra_models: &str) -> TestServer {
+    start_with(extra_models, "").await
+}
+
+/// Starts with extra `[[models]]` and extra configuration sections.
+async fn start_with(extra_models: &str, extra_sections: &str) -> TestServer {
     let data = tempfile::tempdir().unwrap();
-    let config = load_config(
-        &config_text(&data.path().join("data"), extra_models),
-        data.path(),
+    let text = format!(
+        "{}{extra_sections}",
+        config_text(&data.path().join("data"), extra_models)
     );
+    let config = load_config(&text, data.path());
     let server = medbox_server::start(config).await.expect("medboxd starts");
     let channel = Channel::from_shared(format!("http://{}", server.local_addr()))
         .unwrap()

@@ -1,0 +1,171 @@
+//! Protecting the box: per-key rates, load shedding, deadlines.
+
+use std::{collections::HashSet, time::Duration};
+
+use medbox_proto::v1::{self as pb, inference_client::InferenceClient};
+use tonic::Code;
+
+use crate::{Bearer, greedy, http_get, start_with};
+
+async fn new_key(test: &crate::TestServer, label: &str) -> String {
+    test.admin()
+        .create_api_key(pb::CreateApiKeyRequest {
+            label: label.into(),
+            scopes: vec!["inference".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_rate_is_refused_while_another_is_served() {
+    // Every key, the admin's included, gets 20 at once, then one every 2 s.
+    let test = start_with("", "[limits]\nrequests_per_second = 0.5\nburst = 20\n").await;
+    let noisy = new_key(&test, "noisy").await;
+    let quiet = new_key(&test, "quiet").await;
+    let client =
+        |key: &str| InferenceClient::with_interceptor(test.channel.clone(), Bearer::new(Some(key)));
+    for _ in 0..20 {
+        client(&noisy)
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap();
+    }
+    let status = client(&noisy)
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("retry in"), "{status:?}");
+    let retry_ms: u64 = status
+        .metadata()
+        .get("retry-after-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2_100).contains(&retry_ms), "{retry_ms}");
+    // The other key is served normally.
+    for _ in 0..3 {
+        client(&quiet)
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap();
+    }
+    test.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_is_shed_and_every_accepted_answer_arrives_once() {
+    let test = start_with("", "[limits]\nmax_concurrent_requests = 3\n").await;
+    let requests = 30;
+    let mut tasks = Vec::new();
+    for index in 0..requests {
+        let mut client = test.inference();
+        tasks.push(tokio::spawn(async move {
+            let mut request = greedy("Flood", 12);
+            request.request_id = format!("flood-{index}");
+            match client.generate_stream(request).await {
+                Err(status) => Err(status.code()),
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    let (mut tokens, mut finish, mut ids) = (0, String::new(), HashSet::new());
+                    while let Some(chunk) =
+                        stream.message().await.map_err(|status| status.code())?
+                    {
+                        tokens += chunk.token_ids.len();
+                        ids.insert(chunk.request_id);
+                        if !chunk.finish_reason.is_empty() {
+                            finish = chunk.finish_reason;
+                        }
+                    }
+                    Ok((index, tokens, finish, ids))
+                }
+            }
+        }));
+    }
+    let (mut accepted, mut shed) = (Vec::new(), 0);
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("no request hangs")
+            .unwrap()
+        {
+            Ok(answer) => accepted.push(answer),
+            Err(Code::ResourceExhausted) => shed += 1,
+            Err(other) => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!(accepted.len() + shed, requests);
+    assert!(
+        shed > 0,
+        "30 simultaneous streams over a limit of 3 shed none"
+    );
+    assert!(accepted.len() >= 3, "only {} accepted", accepted.len());
+    for (index, tokens, finish, ids) in &accepted {
+        assert_eq!(
+            (*tokens, finish.as_str()),
+            (12, "length"),
+            "request {index}"
+        );
+        assert_eq!(
+            ids,
+            &HashSet::from([format!("flood-{index}")]),
+            "request {index} got another's chunks"
+        );
+    }
+    test.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_frees_the_engine_at_once() {
+    let test = crate::start("").await;
+    let mut request = tonic::Request::new(greedy("A long discharge summary:", 480));
+    request.set_timeout(Duration::from_millis(100));
+    let status = test.inference().generate(request).await.unwrap_err();
+    // The client's own timer and the server's grpc-timeout race; either ends it.
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // The sequence left the engine: nothing stays in flight...
+    let metrics = test.server.metrics_addr().unwrap();
+    let mut in_flight = String::new();
+    for _ in 0..50 {
+        let body = http_get(metrics, "/metrics").await;
+        in_flight = body
+            .lines()
+            .find(|line| line.starts_with("medbox_requests_in_flight{model=\"tiny\"}"))
+            .unwrap_or_default()
+            .to_owned();
+        if in_flight.ends_with(" 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(in_flight.ends_with(" 0"), "{in_flight}");
+    // ...and the abandoned call is in the audit trail.
+    let events = test
+        .admin()
+        .list_audit_events(pb::ListAuditEventsRequest {
+            method: "medbox.v1.Inference/Generate".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(
+        events.last().map(|event| event.error_kind.as_str()),
+        Some("abandoned")
+    );
+    // The next request is served at once, not after 480 tokens.
+    let started = std::time::Instant::now();
+    test.inference().generate(greedy("fever", 4)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    test.server.shutdown().await.unwrap();
+}
