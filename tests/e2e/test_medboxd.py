@@ -267,3 +267,25 @@ def test_medboxctl_manages_keys_and_verifies_the_audit_chain(server):
     ]
     code, verdict, _ = ctl("audit", "verify")
     assert code == 0 and verdict[0]["ok"] is True and verdict[0]["checked"] > 5
+
+
+@pytest.mark.parametrize("name", ["config/inference.toml", "config/training.toml", "medbox.demo.toml"])
+def test_shipped_configs_pass_the_check(tmp_path, name):
+    import subprocess
+
+    from conftest import BIN_DIR, ROOT
+
+    # The deploy configs point at /var/lib/medbox; check them against a stand-in folder.
+    (tmp_path / "models" / "medical").mkdir(parents=True)
+    (tmp_path / "models" / "medical" / "config.json").write_text("{}")
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.json").write_text("{}")
+    text = (ROOT / "deploy" / name).read_text().replace("/var/lib/medbox", str(tmp_path))
+    config = tmp_path / "medbox.toml"
+    config.write_text(text)
+    result = subprocess.run(
+        [str(BIN_DIR / "medboxd"), "--check", "--config", str(config)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "configuration ok" in result.stdout
