@@ -6,9 +6,15 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    println!("cargo:rerun-if-changed={}", proto_root.display());
-
     let files = ["medbox/v1/inference.proto", "medbox/v1/admin.proto"];
+    // Each file and the folder (a new file), so that every build sees an edit.
+    println!(
+        "cargo:rerun-if-changed={}",
+        proto_root.join("medbox/v1").display()
+    );
+    for file in files {
+        println!("cargo:rerun-if-changed={}", proto_root.join(file).display());
+    }
     let descriptors = protox::compile(files, [&proto_root])?;
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

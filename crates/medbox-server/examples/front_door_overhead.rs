@@ -10,7 +10,11 @@ use medbox_proto::v1::{self as pb, inference_client::InferenceClient};
 use medbox_server::config::Config;
 use tonic::transport::Channel;
 
-async fn start(model: &str, auth: bool, dir: &std::path::Path) -> (medbox_server::RunningServer, Channel, Option<String>) {
+async fn start(
+    model: &str,
+    auth: bool,
+    dir: &std::path::Path,
+) -> (medbox_server::RunningServer, Channel, Option<String>) {
     let data = dir.join(if auth { "on" } else { "off" });
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n[auth]\nenabled = {auth}\n\
@@ -43,9 +47,10 @@ async fn one_call(channel: &Channel, key: Option<&str>) -> Duration {
         text: "Blood pressure 150/95 mmHg".into(),
     });
     if let Some(key) = key {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {key}").parse().expect("ascii"));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {key}").parse().expect("ascii"),
+        );
     }
     let started = Instant::now();
     client.tokenize(request).await.expect("tokenize");
@@ -60,8 +65,12 @@ fn median_us(samples: &mut [Duration]) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let model = args.next().expect("usage: front_door_overhead MODEL_DIR [CALLS]");
-    let calls: usize = args.next().map_or(2000, |text| text.parse().expect("CALLS is a number"));
+    let model = args
+        .next()
+        .expect("usage: front_door_overhead MODEL_DIR [CALLS]");
+    let calls: usize = args
+        .next()
+        .map_or(2000, |text| text.parse().expect("CALLS is a number"));
     let dir = tempfile::tempdir().expect("temp dir");
     let (on, on_channel, key) = start(&model, true, dir.path()).await;
     let (off, off_channel, _) = start(&model, false, dir.path()).await;
@@ -79,7 +88,11 @@ async fn main() {
     println!("Tokenize, {calls} calls each, interleaved, median latency:");
     println!("  full front door (auth + scopes + limits + audit): {on_us:8.1} µs");
     println!("  auth off (limits + audit still on):               {off_us:8.1} µs");
-    println!("  added by authentication: {:.1} µs per request ({:.2}x)", on_us - off_us, on_us / off_us);
+    println!(
+        "  added by authentication: {:.1} µs per request ({:.2}x)",
+        on_us - off_us,
+        on_us / off_us
+    );
     on.shutdown().await.expect("stops");
     off.shutdown().await.expect("stops");
 }

@@ -399,6 +399,7 @@ impl pb::admin_server::Admin for AdminService {
                         client_addr: event.client_addr.unwrap_or_default(),
                         prev_hash: event.prev_hash,
                         hash: event.hash,
+                        detail: event.detail.unwrap_or_default(),
                     })
                     .collect(),
             })

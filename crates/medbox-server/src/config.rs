@@ -32,6 +32,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
 }
 
@@ -66,6 +68,16 @@ impl Default for AuthConfig {
 
 fn default_true() -> bool {
     true
+}
+
+/// What the audit trail keeps besides who called what, when, with what result.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Also keep each generation's prompt and answer text in its audit event.
+    /// Off by default: the trail is append-only, so text kept there is kept forever.
+    #[serde(default)]
+    pub store_text: bool,
 }
 
 /// Protection of the box from overload, per key and overall.

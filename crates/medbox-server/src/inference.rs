@@ -75,6 +75,7 @@ impl InferenceService {
         record: &mut RequestRecord,
     ) -> Result<Submitted, ApiError> {
         let engine = self.engine(&request.model, method, record)?;
+        record.prompt_text(|| request.prompt.clone());
         let valid = engine.validate(GenerateRequest {
             prompt: request.prompt,
             sampling: sampling_from_proto(request.sampling.unwrap_or_default()),
@@ -89,6 +90,16 @@ impl InferenceService {
         record: &mut RequestRecord,
     ) -> Result<Submitted, ApiError> {
         let engine = self.engine(&request.model, method, record)?;
+        record.prompt_text(|| {
+            let messages: Vec<_> = request
+                .messages
+                .iter()
+                .map(
+                    |message| serde_json::json!({"role": message.role, "content": message.content}),
+                )
+                .collect();
+            serde_json::Value::Array(messages).to_string()
+        });
         let valid = engine.validate_chat(ChatRequest {
             messages: request
                 .messages
@@ -182,6 +193,8 @@ impl Submitted {
             if !chunk.token_ids.is_empty() {
                 record.first_token();
             }
+            record.answer_text(&chunk.reasoning_text);
+            record.answer_text(&chunk.text);
             collected.text.push_str(&chunk.text);
             collected.reasoning_text.push_str(&chunk.reasoning_text);
             collected.token_ids.extend(chunk.token_ids);
@@ -219,6 +232,8 @@ impl Submitted {
                 if !chunk.token_ids.is_empty() {
                     record.first_token();
                 }
+                record.answer_text(&chunk.reasoning_text);
+                record.answer_text(&chunk.text);
                 let finished = chunk
                     .finish
                     .as_ref()

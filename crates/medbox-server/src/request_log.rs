@@ -29,6 +29,8 @@ pub struct RequestLogger {
     tx: mpsc::Sender<Entry>,
     metrics: Arc<Metrics>,
     limiter: Arc<KeyLimiter>,
+    /// `[audit] store_text`: keep prompt and answer text in the audit event.
+    store_text: bool,
 }
 
 impl RequestLogger {
@@ -37,6 +39,7 @@ impl RequestLogger {
         store: Store,
         metrics: Arc<Metrics>,
         limiter: Arc<KeyLimiter>,
+        store_text: bool,
     ) -> (RequestLogger, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Entry>(QUEUE_CAPACITY);
         let writer = tokio::spawn(async move {
@@ -62,6 +65,7 @@ impl RequestLogger {
                 tx,
                 metrics,
                 limiter,
+                store_text,
             },
             writer,
         )
@@ -106,6 +110,7 @@ impl RequestLogger {
             first_token: None,
             in_flight: false,
             written: false,
+            text: None,
         }
     }
 }
@@ -133,6 +138,8 @@ pub struct RequestRecord {
     in_flight: bool,
     /// Written already (by `finish`, or by `drop` for an abandoned RPC).
     written: bool,
+    /// Prompt and answer so far, kept only when `[audit] store_text` is on.
+    text: Option<(String, String)>,
 }
 
 impl Drop for RequestRecord {
@@ -155,6 +162,20 @@ impl RequestRecord {
                 .with_label_values(&[model])
                 .inc();
             self.in_flight = true;
+        }
+    }
+
+    /// Keeps the prompt for the audit event, when the configuration asks.
+    pub fn prompt_text(&mut self, prompt: impl FnOnce() -> String) {
+        if self.logger.store_text {
+            self.text = Some((prompt(), String::new()));
+        }
+    }
+
+    /// Adds answer text for the audit event, when the prompt is being kept.
+    pub fn answer_text(&mut self, text: &str) {
+        if let Some((_, answer)) = &mut self.text {
+            answer.push_str(text);
         }
     }
 
@@ -236,7 +257,9 @@ impl RequestRecord {
             completion_tokens: i64::from(self.completion_tokens),
             request_id: self.request_id.clone(),
             client_addr: client_addr.clone(),
-            detail: None,
+            detail: self.text.take().map(|(prompt, answer)| {
+                serde_json::json!({"prompt": prompt, "answer": answer}).to_string()
+            }),
         };
         let request = NewRequestLog {
             started_at_ms: self.started_at_ms,

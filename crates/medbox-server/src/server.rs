@@ -155,7 +155,12 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         tokens_per_minute: (limits.tokens_per_minute > 0)
             .then_some(limits.tokens_per_minute as f64),
     }));
-    let (log, log_writer) = RequestLogger::start(store.clone(), metrics.clone(), limiter.clone());
+    let (log, log_writer) = RequestLogger::start(
+        store.clone(),
+        metrics.clone(),
+        limiter.clone(),
+        config.audit.store_text,
+    );
     let gatekeeper = Arc::new(Gatekeeper {
         store: store.clone(),
         enabled: config.auth.enabled,

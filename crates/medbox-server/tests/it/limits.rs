@@ -169,3 +169,35 @@ async fn a_deadline_frees_the_engine_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5));
     test.server.shutdown().await.unwrap();
 }
+
+async fn generate_events(test: &crate::TestServer) -> Vec<pb::AuditEvent> {
+    test.inference()
+        .generate(greedy("Patient Zhang, chest pain", 3))
+        .await
+        .unwrap();
+    test.admin()
+        .list_audit_events(pb::ListAuditEventsRequest {
+            method: "medbox.v1.Inference/Generate".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_text_reaches_the_audit_trail_only_when_configured() {
+    let test = crate::start("").await;
+    let events = generate_events(&test).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].detail, "", "text kept without [audit] store_text");
+    test.server.shutdown().await.unwrap();
+
+    let test = start_with("", "[audit]\nstore_text = true\n").await;
+    let events = generate_events(&test).await;
+    let detail: serde_json::Value = serde_json::from_str(&events[0].detail).unwrap();
+    assert_eq!(detail["prompt"], "Patient Zhang, chest pain");
+    assert!(detail["answer"].is_string());
+    test.server.shutdown().await.unwrap();
+}
