@@ -6,11 +6,15 @@
 //! De-identification is judged by recall first: an 18-digit number with a
 //! valid birth date is masked as an ID even when its check digit is wrong (a
 //! typo in an ID is still an ID).
+//!
+//! **Architecture Invariant:** detection is `medbox-deid`'s, the one
+//! de-identifier of the project (fine-tuning datasets use it too); this module
+//! keeps the tools' names, schemas and tags, and builds their results.
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
-use regex::Regex;
+use medbox_deid::{Category, CivilDate, DeidConfig, Deidentifier, province};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -42,88 +46,15 @@ pub fn tools() -> Vec<Box<dyn Tool>> {
 // ---------------------------------------------------------------------------
 // Resident ID
 
-const CHECK_WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
-const CHECK_CHARACTERS: &[u8; 11] = b"10X98765432";
+pub use medbox_deid::{luhn_valid, resident_id_check_character};
 
-/// The check character for the first 17 digits (GB 11643-1999, ISO 7064 MOD 11-2);
-/// `None` unless `first_17` is exactly 17 ASCII digits.
-pub fn resident_id_check_character(first_17: &str) -> Option<char> {
-    if first_17.len() != 17 || !first_17.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let sum: u32 = first_17
-        .bytes()
-        .zip(CHECK_WEIGHTS)
-        .map(|(digit, weight)| u32::from(digit - b'0') * weight)
-        .sum();
-    Some(char::from(CHECK_CHARACTERS[(sum % 11) as usize]))
-}
-
-/// Province-level codes (first two digits, GB/T 2260).
-fn province(code: &str) -> Option<&'static str> {
-    Some(match code {
-        "11" => "北京",
-        "12" => "天津",
-        "13" => "河北",
-        "14" => "山西",
-        "15" => "内蒙古",
-        "21" => "辽宁",
-        "22" => "吉林",
-        "23" => "黑龙江",
-        "31" => "上海",
-        "32" => "江苏",
-        "33" => "浙江",
-        "34" => "安徽",
-        "35" => "福建",
-        "36" => "江西",
-        "37" => "山东",
-        "41" => "河南",
-        "42" => "湖北",
-        "43" => "湖南",
-        "44" => "广东",
-        "45" => "广西",
-        "46" => "海南",
-        "50" => "重庆",
-        "51" => "四川",
-        "52" => "贵州",
-        "53" => "云南",
-        "54" => "西藏",
-        "61" => "陕西",
-        "62" => "甘肃",
-        "63" => "青海",
-        "64" => "宁夏",
-        "65" => "新疆",
-        "71" => "台湾",
-        "81" => "香港",
-        "82" => "澳门",
-        "83" => "台湾（居住证）",
-        _ => return None,
-    })
-}
-
-fn is_leap_year(year: u32) -> bool {
-    (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400)
-}
-
-/// A `YYYYMMDD` date that exists in the Gregorian calendar, from 1900 on.
+/// A `YYYYMMDD` date that exists in the Gregorian calendar, 1900–2199, as `YYYY-MM-DD`.
 fn valid_birth_date(yyyymmdd: &str) -> Option<String> {
-    if yyyymmdd.len() != 8 || !yyyymmdd.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let year: u32 = yyyymmdd[0..4].parse().ok()?;
-    let month: u32 = yyyymmdd[4..6].parse().ok()?;
-    let day: u32 = yyyymmdd[6..8].parse().ok()?;
-    let days_in_month = match month {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if is_leap_year(year) => 29,
-        2 => 28,
-        _ => return None,
-    };
-    if !(1900..=2199).contains(&year) || day == 0 || day > days_in_month {
-        return None;
-    }
-    Some(format!("{year:04}-{month:02}-{day:02}"))
+    let date = CivilDate::from_yyyymmdd(yyyymmdd)?;
+    Some(format!(
+        "{:04}-{:02}-{:02}",
+        date.year, date.month, date.day
+    ))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -234,28 +165,6 @@ pub fn check_resident_id(id: &str) -> ResidentIdResult {
 // ---------------------------------------------------------------------------
 // Bank cards
 
-/// The Luhn (mod 10) check over ASCII digits; false for anything else.
-pub fn luhn_valid(digits: &str) -> bool {
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return false;
-    }
-    let sum: u32 = digits
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(index, byte)| {
-            let digit = u32::from(byte - b'0');
-            if index % 2 == 1 {
-                let doubled = digit * 2;
-                if doubled > 9 { doubled - 9 } else { doubled }
-            } else {
-                digit
-            }
-        })
-        .sum();
-    sum.is_multiple_of(10)
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BankCardArguments {
@@ -364,114 +273,38 @@ pub struct IdentifierSpan {
     pub end: usize,
 }
 
-static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-        .expect("valid regex")
-});
-static LONG_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"[0-9]{17}[0-9Xx]|[0-9]{12,19}|[0-9]{4}(?:[ -][0-9]{4}){2,3}(?:[ -][0-9]{1,4})?")
-        .expect("valid regex")
-});
-static MOBILE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?:\+?86[ -]?)?1[3-9][0-9](?:[0-9]{8}|[ -][0-9]{4}[ -][0-9]{4})")
-        .expect("valid regex")
-});
-static LANDLINE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?:0[0-9]{2,3}-?|\(0[0-9]{2,3}\) ?)[0-9]{7,8}(?:-[0-9]{1,5})?")
-        .expect("valid regex")
+/// The shared engine with its built-in detectors only (no dates, records,
+/// names or addresses); the tags are this module's.
+static DEIDENTIFIER: LazyLock<Deidentifier> = LazyLock::new(|| {
+    Deidentifier::new(&DeidConfig::builtin(medbox_deid::TagLanguage::Zh))
+        .expect("the built-in configuration is valid")
 });
 
-/// True when the characters either side of `start..end` are not ASCII digits
-/// (nor letters, for numbers), so a match is a whole number, not part of one.
-fn stands_alone(text: &str, start: usize, end: usize) -> bool {
-    let before = text[..start].chars().next_back();
-    let after = text[end..].chars().next();
-    let joins = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    !joins(before) && !joins(after)
-}
-
-/// Classifies a long digit run (spaces and hyphens removed) as an ID or a card.
-fn classify_long_number(digits: &str) -> Option<IdentifierCategory> {
-    let upper = digits.to_ascii_uppercase();
-    // A mobile number written with its country code is left to the mobile rule.
-    if upper.len() == 13 && upper.starts_with("861") && matches!(upper.as_bytes()[3], b'3'..=b'9') {
-        return None;
+fn identifier_category(category: &Category) -> Option<IdentifierCategory> {
+    match category {
+        Category::Email => Some(IdentifierCategory::Email),
+        Category::ResidentId => Some(IdentifierCategory::ResidentId),
+        Category::BankCard => Some(IdentifierCategory::BankCard),
+        Category::Mobile => Some(IdentifierCategory::Mobile),
+        Category::Landline => Some(IdentifierCategory::Landline),
+        // Not configured for this tool, so never found.
+        Category::Record(_) | Category::Name | Category::Address | Category::Date => None,
     }
-    let id = match upper.len() {
-        18 | 15 => Some(check_resident_id(&upper)),
-        _ => None,
-    };
-    if id.as_ref().is_some_and(|id| id.valid) {
-        return Some(IdentifierCategory::ResidentId);
-    }
-    if (12..=19).contains(&upper.len()) && luhn_valid(&upper) {
-        return Some(IdentifierCategory::BankCard);
-    }
-    // Recall first: a plausible ID with a wrong check digit is still an ID.
-    if id.is_some_and(|id| id.birth_date.is_some() && id.province.is_some()) {
-        return Some(IdentifierCategory::ResidentId);
-    }
-    None
 }
 
 /// Finds identifiers in `text`, non-overlapping, in text order.
 pub fn find_identifiers(text: &str) -> Vec<IdentifierSpan> {
-    let mut spans: Vec<IdentifierSpan> = Vec::new();
-    let add = |spans: &mut Vec<IdentifierSpan>, category, start, end| {
-        if spans
-            .iter()
-            .all(|span| end <= span.start || start >= span.end)
-        {
-            spans.push(IdentifierSpan {
-                category,
-                start,
-                end,
-            });
-        }
-    };
-    for found in EMAIL.find_iter(text) {
-        add(
-            &mut spans,
-            IdentifierCategory::Email,
-            found.start(),
-            found.end(),
-        );
-    }
-    for found in LONG_NUMBER.find_iter(text) {
-        if !stands_alone(text, found.start(), found.end()) {
-            continue;
-        }
-        let digits: String = found
-            .as_str()
-            .chars()
-            .filter(|c| *c != ' ' && *c != '-')
-            .collect();
-        if let Some(category) = classify_long_number(&digits) {
-            add(&mut spans, category, found.start(), found.end());
-        }
-    }
-    for found in MOBILE.find_iter(text) {
-        if stands_alone(text, found.start(), found.end()) {
-            add(
-                &mut spans,
-                IdentifierCategory::Mobile,
-                found.start(),
-                found.end(),
-            );
-        }
-    }
-    for found in LANDLINE.find_iter(text) {
-        if stands_alone(text, found.start(), found.end()) {
-            add(
-                &mut spans,
-                IdentifierCategory::Landline,
-                found.start(),
-                found.end(),
-            );
-        }
-    }
-    spans.sort_by_key(|span| span.start);
-    spans
+    DEIDENTIFIER
+        .find(text)
+        .into_iter()
+        .filter_map(|span| {
+            Some(IdentifierSpan {
+                category: identifier_category(&span.category)?,
+                start: span.start,
+                end: span.end,
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -525,7 +358,7 @@ pub fn deidentify(arguments: DeidentifyArguments) -> Result<DeidentifyResult, To
         counts,
         total: spans.len(),
         replacements: spans,
-        rule: "resident ID (GB 11643-1999, valid birth date), bank card (Luhn, 12-19 digits), mobile (+86)1[3-9]xxxxxxxxx, landline 0xx(x)-xxxxxxx(x), e-mail",
+        rule: "resident ID (GB 11643-1999, valid birth date), bank card (Luhn, 16-19 digits), mobile (+86)1[3-9]xxxxxxxxx, landline 0xx(x)-xxxxxxx(x), e-mail",
     })
 }
 

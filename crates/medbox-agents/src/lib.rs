@@ -1,20 +1,38 @@
-//! The agent orchestrator's tools: what rules and tables can decide.
+//! The agent orchestrator: agent specs, the step loop, sessions, and the
+//! tools that decide what rules and tables can decide.
 //!
-//! This crate owns the [`Tool`] trait, the [`ToolRegistry`] that agents pick
-//! their tools from, and the deterministic medical tools: clinical
-//! [`calculators`], adult [`lab_ranges`] with FHIR interpretation flags and unit
-//! conversion, a bundled [`icd10`] subset, [`drug_interactions`] and dose
-//! ranges, Chinese medical-record [`record_rules`], and resident-ID / phone /
-//! bank-card [`identifiers`] with de-identification. The language-model step
-//! loop, agent specs and sessions will live here too; they are not written yet.
+//! - [`spec`]: an agent is a TOML spec file (id, bilingual names, input and
+//!   output JSON Schemas, system prompt, allowed tools, a model route per step
+//!   kind, step limit, timeout), validated once into an [`spec::AgentSpec`];
+//!   a bad file is a [`spec::SpecError`] naming the file, field and reason.
+//!   Three example specs ship in `specs/`.
+//! - [`model`]: the [`model::AgentModel`] trait, the only way the loop reaches
+//!   a language model; the server implements it over the runtime.
+//! - [`step_loop`]: [`step_loop::run_agent`] asks the model for a tool call or
+//!   a final answer (constrained by [`step_loop::build_step_schema`]), runs
+//!   tools, feeds results and refusals back, and ends at a valid final answer,
+//!   the step limit, the deadline or a model error, with the whole trace.
+//! - [`session`]: multi-turn history handed to the next run.
+//! - [`test_support`]: a scripted model double and a tiny executor.
+//! - The [`Tool`] trait, the [`ToolRegistry`] that agents pick their tools
+//!   from, and the deterministic medical tools: clinical [`calculators`],
+//!   adult [`lab_ranges`] with FHIR interpretation flags and unit conversion,
+//!   a bundled [`icd10`] subset, [`drug_interactions`] and dose ranges,
+//!   Chinese medical-record [`record_rules`], and resident-ID / phone /
+//!   bank-card [`identifiers`] with de-identification.
 //!
 //! **Architecture Invariant:** tools are deterministic and pure: the same
 //! arguments give the same result; no I/O, no clock, no randomness. Bundled
 //! tables are compiled in with `include_str!` and parsed on first use.
 //!
-//! **Architecture Invariant:** no tch and no `medbox-runtime` here. The
-//! orchestrator will reach models through a small trait the server implements,
-//! so everything in this crate is tested without libtorch.
+//! **Architecture Invariant:** no tch, no `medbox-runtime`, no store here. The
+//! orchestrator reaches models through [`model::AgentModel`], which the server
+//! implements, so everything in this crate is tested without libtorch.
+//!
+//! **Architecture Invariant:** a run that completes has an output valid
+//! against its agent's output schema; everything the model gets wrong (bad
+//! JSON, a tool it may not call, bad arguments, an invalid final answer) is fed
+//! back to it as a message and costs a step, never a crash.
 //!
 //! **API Boundary:** a tool's arguments and result are JSON (`serde_json::Value`),
 //! because that is what a model writes and reads. Inside, each tool parses its
@@ -35,7 +53,12 @@ pub mod drug_interactions;
 pub mod icd10;
 pub mod identifiers;
 pub mod lab_ranges;
+pub mod model;
 pub mod record_rules;
+pub mod session;
+pub mod spec;
+pub mod step_loop;
+pub mod test_support;
 
 mod bundled_table;
 

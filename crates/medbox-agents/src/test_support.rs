@@ -1,0 +1,100 @@
+//! Test support: a scripted [`AgentModel`] and a tiny executor, so the step
+//! loop (here and in the server's tests) runs without a model or a runtime.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use crate::model::{AgentModel, ModelError, ModelReply, ModelTurn};
+
+/// One scripted answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scripted {
+    /// Answer with this text.
+    Reply(String),
+    /// Block the calling thread this long, then answer with this text.
+    SlowReply(Duration, String),
+    /// Fail with this error.
+    Error(ModelError),
+}
+
+/// A model that answers from a script, in order, and records every turn it
+/// was asked. When the script runs out it fails with [`ModelError::Failed`].
+#[derive(Debug)]
+pub struct ScriptedModel {
+    model_name: String,
+    script: Mutex<VecDeque<Scripted>>,
+    turns: Mutex<Vec<ModelTurn>>,
+}
+
+impl ScriptedModel {
+    /// A model named `scripted` that answers with these texts.
+    pub fn replies<I: IntoIterator<Item = S>, S: Into<String>>(texts: I) -> ScriptedModel {
+        ScriptedModel::new(texts.into_iter().map(|text| Scripted::Reply(text.into())))
+    }
+
+    pub fn new(script: impl IntoIterator<Item = Scripted>) -> ScriptedModel {
+        ScriptedModel {
+            model_name: "scripted".to_owned(),
+            script: Mutex::new(script.into_iter().collect()),
+            turns: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Every turn asked so far, in order.
+    pub fn turns(&self) -> Vec<ModelTurn> {
+        self.turns
+            .lock()
+            .map(|turns| turns.clone())
+            .unwrap_or_default()
+    }
+
+    fn answer(&self, turn: ModelTurn) -> Result<ModelReply, ModelError> {
+        let route = turn.route.clone();
+        if let Ok(mut turns) = self.turns.lock() {
+            turns.push(turn);
+        }
+        let next = self
+            .script
+            .lock()
+            .ok()
+            .and_then(|mut script| script.pop_front());
+        let reply = |text: String| ModelReply {
+            text,
+            model: self.model_name.clone(),
+        };
+        match next {
+            Some(Scripted::Reply(text)) => Ok(reply(text)),
+            Some(Scripted::SlowReply(delay, text)) => {
+                std::thread::sleep(delay);
+                Ok(reply(text))
+            }
+            Some(Scripted::Error(error)) => Err(error),
+            None => Err(ModelError::Failed {
+                route,
+                reason: "the script has no more answers".to_owned(),
+            }),
+        }
+    }
+}
+
+impl AgentModel for ScriptedModel {
+    async fn complete(&self, turn: ModelTurn) -> Result<ModelReply, ModelError> {
+        self.answer(turn)
+    }
+}
+
+/// Drives a future to completion on the current thread. Enough for futures
+/// that never wait on I/O or timers, such as a run against [`ScriptedModel`].
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut context = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        std::thread::yield_now();
+    }
+}
