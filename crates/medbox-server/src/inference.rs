@@ -294,6 +294,38 @@ fn non_empty(text: &str) -> Option<String> {
     (!text.is_empty()).then(|| text.to_owned())
 }
 
+/// Answers a unary generation: the whole text, or the error, recorded either way.
+async fn answer_unary<T>(
+    mut record: RequestRecord,
+    submitted: Result<Submitted, ApiError>,
+    build: impl FnOnce(Collected, String) -> T,
+) -> Result<Response<T>, Status> {
+    let submitted = match submitted {
+        Ok(submitted) => submitted,
+        Err(err) => return Err(fail(record, err)),
+    };
+    match submitted.collect(&mut record).await {
+        Ok(answer) => {
+            let model = record.model.clone().unwrap_or_default();
+            record.finish(Code::Ok, None);
+            Ok(Response::new(build(answer, model)))
+        }
+        Err(err) => Err(fail(record, err)),
+    }
+}
+
+/// Answers a streamed generation; the record is written when the stream ends.
+fn answer_stream<T: Send + 'static>(
+    record: RequestRecord,
+    submitted: Result<Submitted, ApiError>,
+    to_proto: impl Fn(Chunk) -> T + Send + 'static,
+) -> Result<Response<ReceiverStream<Result<T, Status>>>, Status> {
+    match submitted {
+        Ok(submitted) => Ok(Response::new(submitted.forward(record, to_proto))),
+        Err(err) => Err(fail(record, err)),
+    }
+}
+
 /// Writes the record and turns the error into a status.
 fn fail(record: RequestRecord, err: ApiError) -> Status {
     record.finish(err.code(), Some(err.kind()));
@@ -314,25 +346,16 @@ impl pb::inference_server::Inference for InferenceService {
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         record.request_id = non_empty(&request_id);
-        let submitted = match self.submit_generate(request, "Generate", &mut record) {
-            Ok(submitted) => submitted,
-            Err(err) => return Err(fail(record, err)),
-        };
-        match submitted.collect(&mut record).await {
-            Ok(answer) => {
-                let model = record.model.clone().unwrap_or_default();
-                record.finish(Code::Ok, None);
-                Ok(Response::new(pb::GenerateResponse {
-                    text: answer.text,
-                    token_ids: answer.token_ids,
-                    finish_reason: answer.reason.as_str().to_owned(),
-                    usage: Some(usage_to_proto(answer.usage)),
-                    request_id,
-                    model,
-                }))
-            }
-            Err(err) => Err(fail(record, err)),
-        }
+        let submitted = self.submit_generate(request, "Generate", &mut record);
+        answer_unary(record, submitted, |answer, model| pb::GenerateResponse {
+            text: answer.text,
+            token_ids: answer.token_ids,
+            finish_reason: answer.reason.as_str().to_owned(),
+            usage: Some(usage_to_proto(answer.usage)),
+            request_id,
+            model,
+        })
+        .await
     }
 
     type GenerateStreamStream = ReceiverStream<Result<pb::GenerateStreamResponse, Status>>;
@@ -349,11 +372,8 @@ impl pb::inference_server::Inference for InferenceService {
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         record.request_id = non_empty(&request_id);
-        let submitted = match self.submit_generate(request, "GenerateStream", &mut record) {
-            Ok(submitted) => submitted,
-            Err(err) => return Err(fail(record, err)),
-        };
-        Ok(Response::new(submitted.forward(record, move |chunk| {
+        let submitted = self.submit_generate(request, "GenerateStream", &mut record);
+        answer_stream(record, submitted, move |chunk| {
             let (finish_reason, usage) = finish_to_proto(chunk.finish);
             pb::GenerateStreamResponse {
                 text: chunk.text,
@@ -362,7 +382,7 @@ impl pb::inference_server::Inference for InferenceService {
                 usage,
                 request_id: request_id.clone(),
             }
-        })))
+        })
     }
 
     #[tracing::instrument(skip_all)]
@@ -377,26 +397,17 @@ impl pb::inference_server::Inference for InferenceService {
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         record.request_id = non_empty(&request_id);
-        let submitted = match self.submit_chat(request, "Chat", &mut record) {
-            Ok(submitted) => submitted,
-            Err(err) => return Err(fail(record, err)),
-        };
-        match submitted.collect(&mut record).await {
-            Ok(answer) => {
-                let model = record.model.clone().unwrap_or_default();
-                record.finish(Code::Ok, None);
-                Ok(Response::new(pb::ChatResponse {
-                    text: answer.text,
-                    reasoning_text: answer.reasoning_text,
-                    token_ids: answer.token_ids,
-                    finish_reason: answer.reason.as_str().to_owned(),
-                    usage: Some(usage_to_proto(answer.usage)),
-                    request_id,
-                    model,
-                }))
-            }
-            Err(err) => Err(fail(record, err)),
-        }
+        let submitted = self.submit_chat(request, "Chat", &mut record);
+        answer_unary(record, submitted, |answer, model| pb::ChatResponse {
+            text: answer.text,
+            reasoning_text: answer.reasoning_text,
+            token_ids: answer.token_ids,
+            finish_reason: answer.reason.as_str().to_owned(),
+            usage: Some(usage_to_proto(answer.usage)),
+            request_id,
+            model,
+        })
+        .await
     }
 
     type ChatStreamStream = ReceiverStream<Result<pb::ChatStreamResponse, Status>>;
@@ -413,11 +424,8 @@ impl pb::inference_server::Inference for InferenceService {
         let request = request.into_inner();
         let request_id = request.request_id.clone();
         record.request_id = non_empty(&request_id);
-        let submitted = match self.submit_chat(request, "ChatStream", &mut record) {
-            Ok(submitted) => submitted,
-            Err(err) => return Err(fail(record, err)),
-        };
-        Ok(Response::new(submitted.forward(record, move |chunk| {
+        let submitted = self.submit_chat(request, "ChatStream", &mut record);
+        answer_stream(record, submitted, move |chunk| {
             let (finish_reason, usage) = finish_to_proto(chunk.finish);
             pb::ChatStreamResponse {
                 text: chunk.text,
@@ -427,7 +435,7 @@ impl pb::inference_server::Inference for InferenceService {
                 usage,
                 request_id: request_id.clone(),
             }
-        })))
+        })
     }
 
     #[tracing::instrument(skip_all)]
