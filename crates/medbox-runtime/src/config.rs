@@ -413,9 +413,10 @@ impl ModelConfig {
                 factor: factor()?,
                 low_freq_factor: scaling.low_freq_factor.unwrap_or(1.0),
                 high_freq_factor: scaling.high_freq_factor.unwrap_or(4.0),
+                // transformers falls back to the model's own context length.
                 original_max_position_embeddings: scaling
                     .original_max_position_embeddings
-                    .unwrap_or(8192),
+                    .unwrap_or(self.max_position_embeddings),
             },
             other => {
                 return Err(format!(

@@ -5,6 +5,10 @@
       logits: f32 logits for every prompt position,
       greedy_ids: N greedy tokens (argmax, end tokens ignored),
       greedy_text: those tokens decoded without special tokens.
+  reference.py parity PROMPT N MODEL_DIR... -> JSON on stdout: a list with, for
+      each model, what `logits` gives plus min_margin, the smallest gap between
+      the best and the second best logit over the N greedy steps (one process
+      for every model, so that torch is imported once).
   reference.py reshard MODEL_DIR OUT_DIR  -> saves MODEL_DIR as several shards.
   reference.py chat MODEL_DIR < CONVERSATIONS_JSON -> JSON on stdout: for each
       conversation (a list of {role, content}), {"text", "ids"} from
@@ -30,23 +34,35 @@ def load(model_dir):
     return model
 
 
-def logits(model_dir, prompt, count):
+def reference_logits(model_dir, prompt, count):
     tokenizer = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
     ids = tokenizer.encode(prompt).ids
     model = load(model_dir)
+    margins = []
     with torch.no_grad():
         prompt_logits = model(torch.tensor([ids])).logits[0]
         sequence = list(ids)
         for _ in range(count):
             next_logits = model(torch.tensor([sequence])).logits[0, -1]
+            top = torch.topk(next_logits, 2).values
+            margins.append(float(top[0] - top[1]))
             sequence.append(int(torch.argmax(next_logits)))
     greedy = sequence[len(ids):]
-    json.dump({
+    return {
         "prompt_ids": ids,
         "logits": prompt_logits.tolist(),
         "greedy_ids": greedy,
         "greedy_text": tokenizer.decode(greedy, skip_special_tokens=True),
-    }, sys.stdout)
+        "min_margin": min(margins, default=None),
+    }
+
+
+def logits(model_dir, prompt, count):
+    json.dump(reference_logits(model_dir, prompt, count), sys.stdout)
+
+
+def parity(prompt, count, model_dirs):
+    json.dump([reference_logits(model_dir, prompt, count) for model_dir in model_dirs], sys.stdout)
 
 
 def greedy(model_dir, prompt, count, dtype):
@@ -97,6 +113,8 @@ if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
     if command == "logits":
         logits(arguments[0], arguments[1], int(arguments[2]))
+    elif command == "parity":
+        parity(arguments[0], int(arguments[1]), arguments[2:])
     elif command == "greedy":
         greedy(arguments[0], arguments[1], int(arguments[2]), arguments[3])
     elif command == "embed":
