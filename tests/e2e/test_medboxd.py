@@ -289,3 +289,38 @@ def test_shipped_configs_pass_the_check(tmp_path, name):
     )
     assert result.returncode == 0, result.stderr
     assert "configuration ok" in result.stdout
+
+
+def test_a_thinking_model_answers_with_reasoning_text_unary_and_streamed(pb, server, tmp_path):
+    """A model whose template opens <think> at the generation prompt: what it
+    writes before </think> is reasoning_text, unary and streamed alike."""
+    import json
+    import shutil
+
+    from conftest import TINY_MODEL
+
+    folder = tmp_path / "thinker"
+    shutil.copytree(TINY_MODEL, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    admin = pb.admin_pb2_grpc.AdminStub(server.channel)
+    loaded = admin.LoadModel(pb.admin_pb2.LoadModelRequest(name="thinker", path=str(folder)), timeout=60)
+    assert loaded.model.state == "ready"
+    stub = inference(pb, server)
+    request = pb.inference_pb2.ChatRequest(
+        model="thinker",
+        messages=[pb.inference_pb2.ChatMessage(role="user", content="Is K 6.8 mmol/L dangerous?")],
+        sampling=greedy(pb, 24, ignore_eos=True),
+    )
+    unary = stub.Chat(request, timeout=60)
+    chunks = list(stub.ChatStream(request, timeout=60))
+    assert unary.reasoning_text, "the thinking went missing"
+    assert "<think>" not in unary.reasoning_text and "<think>" not in unary.text
+    assert "".join(c.reasoning_text for c in chunks) == unary.reasoning_text
+    assert "".join(c.text for c in chunks) == unary.text
+    # The tiny model never closes its thinking, so no answer text follows.
+    assert unary.text == ""
+    admin.UnloadModel(pb.admin_pb2.UnloadModelRequest(name="thinker"), timeout=60)
