@@ -9,7 +9,7 @@
 //! new requests between steps. Before each step the thread checks whether the
 //! caller dropped its `GenerationStream` and, if so, drops the sequence.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -117,7 +117,24 @@ struct Shared {
     commands: SyncSender<Command>,
     max_waiting: usize,
     next_id: AtomicU64,
+    load: Arc<EngineLoad>,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// How busy an engine is, counted where work changes hands.
+#[derive(Debug, Default)]
+struct EngineLoad {
+    /// Submitted, not yet taken by the engine thread.
+    waiting: AtomicUsize,
+    /// Taken by the engine thread and not finished.
+    running: AtomicUsize,
+}
+
+/// A snapshot of an engine's load, for metrics and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineLoadSnapshot {
+    pub waiting: usize,
+    pub running: usize,
 }
 
 /// What the engine thread hands back once the model is loaded.
@@ -159,6 +176,8 @@ impl Engine {
         // The channel preallocates its slots, hence the cap.
         let max_waiting = config.max_waiting.min(MAX_WAITING_LIMIT);
         let (commands, command_receiver) = std::sync::mpsc::sync_channel(max_waiting);
+        let load = Arc::new(EngineLoad::default());
+        let worker_load = Arc::clone(&load);
         let (ready_sender, ready_receiver) = std::sync::mpsc::sync_channel(1);
         let thread_name = format!("medbox-engine-{}", config.name);
         let EngineConfig {
@@ -200,6 +219,7 @@ impl Engine {
                     tokenizer: Arc::clone(&tokenizer),
                     info: info.clone(),
                     running: None,
+                    load: Arc::clone(&worker_load),
                 };
                 let ready = Ready {
                     info,
@@ -240,6 +260,7 @@ impl Engine {
                 commands,
                 max_waiting,
                 next_id: AtomicU64::new(0),
+                load,
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -247,6 +268,14 @@ impl Engine {
 
     pub fn info(&self) -> &ModelInfo {
         &self.shared.info
+    }
+
+    /// Requests waiting for the engine and sequences it is running now.
+    pub fn load(&self) -> EngineLoadSnapshot {
+        EngineLoadSnapshot {
+            waiting: self.shared.load.waiting.load(Ordering::Relaxed),
+            running: self.shared.load.running.load(Ordering::Relaxed),
+        }
     }
 
     /// Tokenizes `text` as a prompt would be (special tokens included).
@@ -335,11 +364,16 @@ impl Engine {
             request,
             events,
         };
-        match self
+        // Counted before the send, so the engine thread never takes it below zero.
+        self.shared.load.waiting.fetch_add(1, Ordering::Relaxed);
+        let sent = self
             .shared
             .commands
-            .try_send(Command::Generate(Box::new(submission)))
-        {
+            .try_send(Command::Generate(Box::new(submission)));
+        if sent.is_err() {
+            self.shared.load.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => Ok(GenerationStream { events: receiver }),
             Err(TrySendError::Full(_)) => Err(EngineError::QueueFull {
                 model: self.shared.info.name.clone(),
@@ -396,15 +430,22 @@ struct Worker {
     tokenizer: Arc<tokenizers::Tokenizer>,
     info: ModelInfo,
     running: Option<Sequence>,
+    load: Arc<EngineLoad>,
 }
 
 impl Worker {
     fn run(mut self, commands: Receiver<Command>) {
         let _no_grad = tch::no_grad_guard();
         loop {
+            self.load
+                .running
+                .store(usize::from(self.running.is_some()), Ordering::Relaxed);
             if self.running.is_none() {
                 match commands.recv() {
-                    Ok(Command::Generate(submission)) => self.admit(*submission),
+                    Ok(Command::Generate(submission)) => {
+                        self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+                        self.admit(*submission);
+                    }
                     Ok(Command::Shutdown) | Err(_) => break,
                 }
                 continue;

@@ -68,7 +68,8 @@ pub use chat::{ChatMessage, ChatRequest};
 pub use config::{Architecture, DType, Device};
 pub use embedding::{EmbedError, Embedder, EmbeddingInfo, MAX_EMBED_TEXTS};
 pub use engine::{
-    Engine, FinishReason, GenerationEvent, GenerationStream, MAX_WAITING_LIMIT, Token, Usage,
+    Engine, EngineLoadSnapshot, FinishReason, GenerationEvent, GenerationStream, MAX_WAITING_LIMIT,
+    Token, Usage,
 };
 pub use error::{EngineError, LoadError, RuntimeError, ValidationError};
 pub use reasoning::{ReasoningDelta, ReasoningSplitter};

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub prompt_tokens: IntCounterVec,
     pub generation_tokens: IntCounterVec,
     pub requests_in_flight: IntGaugeVec,
+    pub requests_waiting: IntGaugeVec,
+    pub requests_running: IntGaugeVec,
     pub models: IntGaugeVec,
 }
 
@@ -87,6 +89,20 @@ impl Metrics {
             ),
             &["model"],
         )?;
+        let requests_waiting = IntGaugeVec::new(
+            Opts::new(
+                "medbox_num_requests_waiting",
+                "Requests in a model engine's queue, not yet started",
+            ),
+            &["model"],
+        )?;
+        let requests_running = IntGaugeVec::new(
+            Opts::new(
+                "medbox_num_requests_running",
+                "Sequences a model engine is generating now (its batch)",
+            ),
+            &["model"],
+        )?;
         let models = IntGaugeVec::new(
             Opts::new(
                 "medbox_models",
@@ -102,6 +118,8 @@ impl Metrics {
             Box::new(prompt_tokens.clone()),
             Box::new(generation_tokens.clone()),
             Box::new(requests_in_flight.clone()),
+            Box::new(requests_waiting.clone()),
+            Box::new(requests_running.clone()),
             Box::new(models.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -116,6 +134,8 @@ impl Metrics {
             prompt_tokens,
             generation_tokens,
             requests_in_flight,
+            requests_waiting,
+            requests_running,
             models,
         })
     }

@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use medbox_runtime::{DType, Device, Embedder, Engine, EngineConfig};
+use medbox_runtime::{DType, Device, Embedder, Engine, EngineConfig, EngineLoadSnapshot};
 
 use crate::{
     config::{ModelKind, ValidModelConfig},
@@ -33,6 +33,7 @@ impl LoadedModel {
                     dtype: info.dtype,
                     device: info.device,
                     max_context: info.max_context,
+                    load: Some(engine.load()),
                 }
             }
             LoadedModel::Embedding(embedder) => {
@@ -42,6 +43,7 @@ impl LoadedModel {
                     dtype: info.dtype,
                     device: info.device,
                     max_context: info.max_tokens,
+                    load: None,
                 }
             }
         }
@@ -63,6 +65,8 @@ pub struct ModelDetails {
     pub dtype: DType,
     pub device: Device,
     pub max_context: usize,
+    /// Waiting and running generations (causal-LM engines only).
+    pub load: Option<EngineLoadSnapshot>,
 }
 
 /// Where a model is in its life.

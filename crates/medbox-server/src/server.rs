@@ -207,8 +207,21 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         let router = router.clone();
         let refresh = move |metrics: &Metrics| {
             metrics.models.reset();
+            metrics.requests_waiting.reset();
+            metrics.requests_running.reset();
             for view in router.views() {
                 metrics.models.with_label_values(&[view.state]).inc();
+                if let Some(load) = view.details.and_then(|details| details.load) {
+                    let as_gauge = |count: usize| i64::try_from(count).unwrap_or(i64::MAX);
+                    metrics
+                        .requests_waiting
+                        .with_label_values(&[&view.name])
+                        .set(as_gauge(load.waiting));
+                    metrics
+                        .requests_running
+                        .with_label_values(&[&view.name])
+                        .set(as_gauge(load.running));
+                }
             }
         };
         let token = shutdown.clone();

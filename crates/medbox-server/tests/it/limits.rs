@@ -201,3 +201,40 @@ async fn prompt_text_reaches_the_audit_trail_only_when_configured() {
     assert!(detail["answer"].is_string());
     test.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_queue_and_batch_are_in_the_metrics() {
+    let test = crate::start("").await;
+    let mut first = test
+        .inference()
+        .generate_stream(greedy("Discharge summary:", 400))
+        .await
+        .unwrap()
+        .into_inner();
+    first.message().await.unwrap().unwrap();
+    let second = test
+        .inference()
+        .generate_stream(greedy("Follow-up plan:", 400))
+        .await
+        .unwrap()
+        .into_inner();
+    let body = http_get(test.server.metrics_addr().unwrap(), "/metrics").await;
+    let gauge = |name: &str| -> i64 {
+        body.lines()
+            .find(|line| line.starts_with(&format!("{name}{{model=\"tiny\"}}")))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{body}"))
+    };
+    let (waiting, running) = (
+        gauge("medbox_num_requests_waiting"),
+        gauge("medbox_num_requests_running"),
+    );
+    // One engine, two streams: one generating; the other queued, or batched
+    // alongside once the engine batches.
+    assert!(running >= 1, "running {running}");
+    assert_eq!(waiting + running, 2, "waiting {waiting}, running {running}");
+    // Dropping the streams cancels both sequences, so shutdown is quick.
+    drop((first, second));
+    test.server.shutdown().await.unwrap();
+}

@@ -350,6 +350,8 @@ async fn metrics_are_scraped() {
         "medbox_generation_tokens_total{model=\"tiny\"} 8",
         "medbox_requests_in_flight{model=\"tiny\"} 0",
         "medbox_models{state=\"ready\"} 1",
+        "medbox_num_requests_waiting{model=\"tiny\"} 0",
+        "medbox_num_requests_running{model=\"tiny\"} 0",
         "process_resident_memory_bytes",
     ] {
         assert!(body.contains(needle), "metrics lack `{needle}`:\n{body}");
