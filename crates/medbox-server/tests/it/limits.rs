@@ -238,3 +238,34 @@ async fn the_engine_queue_and_batch_are_in_the_metrics() {
     drop((first, second));
     test.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_deadline_applies_when_the_client_sets_none() {
+    let test = start_with("", "[limits]\nrequest_timeout_seconds = 1\n").await;
+    let started = std::time::Instant::now();
+    let result = test
+        .inference()
+        .generate(greedy("A long discharge summary:", 480))
+        .await;
+    match result {
+        Err(status) => {
+            assert!(
+                matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+                "{status:?}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+        // Only a machine that generates 480 tokens within the second may answer.
+        Ok(answer) => assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{} tokens in {:?} despite a 1 s deadline",
+            answer.into_inner().token_ids.len(),
+            started.elapsed()
+        ),
+    }
+    test.server.shutdown().await.unwrap();
+}
