@@ -502,7 +502,6 @@ impl Embedder {
     pub fn start(config: EngineConfig) -> Result<Embedder, LoadError> {
         let max_waiting = config.max_waiting.min(MAX_WAITING_LIMIT);
         let (commands, command_receiver) = std::sync::mpsc::sync_channel(max_waiting);
-        let (ready_sender, ready_receiver) = std::sync::mpsc::sync_channel(1);
         let thread_name = format!("medbox-embed-{}", config.name);
         let EngineConfig {
             name,
@@ -511,42 +510,26 @@ impl Embedder {
             device,
             max_waiting: _,
         } = config;
-        let thread = std::thread::Builder::new()
-            .name(thread_name)
-            .spawn(move || {
-                let started = std::time::Instant::now();
-                let encoder = match load(&name, &path, dtype, device) {
-                    Ok(encoder) => encoder,
-                    Err(error) => {
-                        let _ = ready_sender.send(Err(error));
-                        return;
-                    }
-                };
-                info!(
-                    model = %encoder.info.name,
-                    architecture = %encoder.info.architecture,
-                    dimensions = encoder.info.dimensions,
-                    dtype = %encoder.info.dtype,
-                    device = %encoder.info.device,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "embedding model loaded"
-                );
-                if ready_sender.send(Ok(encoder.info.clone())).is_err() {
-                    return;
-                }
-                run(encoder, command_receiver);
-            })
-            .map_err(|error| LoadError::Thread(error.to_string()))?;
-        let ready = ready_receiver
-            .recv()
-            .map_err(|_| LoadError::Thread("the embedding thread panicked while loading".into()));
-        let info = match ready {
-            Ok(Ok(info)) => info,
-            Ok(Err(error)) | Err(error) => {
-                let _ = thread.join();
-                return Err(error);
-            }
+        let load_encoder = move || {
+            let started = std::time::Instant::now();
+            let encoder = load(&name, &path, dtype, device)?;
+            info!(
+                model = %encoder.info.name,
+                architecture = %encoder.info.architecture,
+                dimensions = encoder.info.dimensions,
+                dtype = %encoder.info.dtype,
+                device = %encoder.info.device,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "embedding model loaded"
+            );
+            Ok((encoder.info.clone(), encoder))
         };
+        let (info, thread) = crate::model_thread::spawn_loaded(
+            thread_name,
+            "embedding",
+            load_encoder,
+            move |encoder| run(encoder, command_receiver),
+        )?;
         Ok(Embedder {
             shared: Arc::new(Shared {
                 info,

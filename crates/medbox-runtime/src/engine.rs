@@ -22,6 +22,7 @@ use crate::detokenize::IncrementalDecoder;
 use crate::error::{EngineError, LoadError, RuntimeError, ValidationError};
 use crate::loader::{self, LoadedModel};
 use crate::model::{KvCache, Model};
+use crate::model_thread;
 use crate::sampling::Sampler;
 use crate::stop::StopMatcher;
 use crate::validation::{GenerateRequest, ValidGenerateRequest, Validator};
@@ -178,7 +179,6 @@ impl Engine {
         let (commands, command_receiver) = std::sync::mpsc::sync_channel(max_waiting);
         let load = Arc::new(EngineLoad::default());
         let worker_load = Arc::clone(&load);
-        let (ready_sender, ready_receiver) = std::sync::mpsc::sync_channel(1);
         let thread_name = format!("medbox-engine-{}", config.name);
         let EngineConfig {
             name,
@@ -187,69 +187,55 @@ impl Engine {
             device,
             max_waiting: _,
         } = config;
-        let thread = std::thread::Builder::new()
-            .name(thread_name)
-            .spawn(move || {
-                let started = std::time::Instant::now();
-                let loaded = match loader::load(&name, &path, dtype, device) {
-                    Ok(loaded) => loaded,
-                    Err(error) => {
-                        let _ = ready_sender.send(Err(error));
-                        return;
-                    }
-                };
-                let LoadedModel {
-                    model,
-                    tokenizer,
-                    info,
-                    validator,
-                    chat_template,
-                    thinks,
-                } = loaded;
-                info!(
-                    model = %info.name,
-                    architecture = %info.architecture,
-                    dtype = %info.dtype,
-                    device = %info.device,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "model loaded"
-                );
-                let worker = Worker {
-                    model,
-                    tokenizer: Arc::clone(&tokenizer),
-                    info: info.clone(),
-                    running: None,
-                    load: Arc::clone(&worker_load),
-                };
-                let ready = Ready {
-                    info,
-                    tokenizer,
-                    validator,
-                    chat_template,
-                    thinks,
-                };
-                if ready_sender.send(Ok(ready)).is_err() {
-                    return;
-                }
-                worker.run(command_receiver);
-            })
-            .map_err(|error| LoadError::Thread(error.to_string()))?;
-        let ready = ready_receiver
-            .recv()
-            .map_err(|_| LoadError::Thread("the engine thread panicked while loading".into()));
-        let Ready {
-            info,
-            tokenizer,
-            validator,
-            chat_template,
-            thinks,
-        } = match ready {
-            Ok(Ok(ready)) => ready,
-            Ok(Err(error)) | Err(error) => {
-                let _ = thread.join();
-                return Err(error);
-            }
+        let load_model = move || {
+            let started = std::time::Instant::now();
+            let LoadedModel {
+                model,
+                tokenizer,
+                info,
+                validator,
+                chat_template,
+                thinks,
+            } = loader::load(&name, &path, dtype, device)?;
+            info!(
+                model = %info.name,
+                architecture = %info.architecture,
+                dtype = %info.dtype,
+                device = %info.device,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "model loaded"
+            );
+            let worker = Worker {
+                model,
+                tokenizer: Arc::clone(&tokenizer),
+                info: info.clone(),
+                running: None,
+                load: worker_load,
+            };
+            let ready = Ready {
+                info,
+                tokenizer,
+                validator,
+                chat_template,
+                thinks,
+            };
+            Ok((ready, worker))
         };
+        let (
+            Ready {
+                info,
+                tokenizer,
+                validator,
+                chat_template,
+                thinks,
+            },
+            thread,
+        ) = model_thread::spawn_loaded(
+            thread_name,
+            "engine",
+            load_model,
+            move |worker: Worker| worker.run(command_receiver),
+        )?;
         Ok(Engine {
             shared: Arc::new(Shared {
                 info,

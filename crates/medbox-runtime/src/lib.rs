@@ -56,6 +56,7 @@ mod engine;
 mod error;
 mod loader;
 mod model;
+mod model_thread;
 mod reasoning;
 mod sampling;
 mod stop;
