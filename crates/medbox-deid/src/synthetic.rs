@@ -572,7 +572,9 @@ impl Builder<'_> {
                 );
                 self.push_label(Category::Date, &written);
             }
-            other => panic!("unknown placeholder `{other}` in a corpus template"),
+            other => panic!(
+                "corpus template names the unknown slot `{other}` (a bug in the template table)"
+            ),
         }
     }
 
