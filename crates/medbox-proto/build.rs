@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with env!(): the compiled build script is cached
+    // in the shared target dir and reused by clones at other paths.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = ["medbox/v1/inference.proto", "medbox/v1/admin.proto"];
     // Each file and the folder (a new file), so that every build sees an edit.
     println!(
