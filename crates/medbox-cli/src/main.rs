@@ -172,7 +172,7 @@ enum ModelsCommand {
         /// causal-lm or embedding.
         #[arg(long)]
         kind: Option<String>,
-        /// f32, bf16 or f16.
+        /// f32, bf16, f16 or int8 (weight-only).
         #[arg(long)]
         dtype: Option<String>,
         /// cpu or cuda:N.
@@ -325,6 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ..Default::default()
                 }),
                 request_id: String::new(),
+                constraint: None,
             };
             generate(&client, request, cli.json).await
         }
@@ -596,6 +597,7 @@ async fn chat(
             messages: messages.clone(),
             sampling: Some(sampling.clone()),
             request_id: String::new(),
+            constraint: None,
         };
         let mut stream = inference
             .chat_stream(client.request(request))

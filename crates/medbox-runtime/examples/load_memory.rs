@@ -52,6 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dtype,
         device: Device::Cpu,
         max_waiting: 1,
+        batching: Default::default(),
     })?;
     let elapsed = started.elapsed();
     let after = status_kib("VmHWM:");

@@ -19,6 +19,10 @@ pub enum DType {
     F32,
     BF16,
     F16,
+    /// Weight-only int8: every linear layer's weights (and the output head)
+    /// quantized at load with one scale per output channel; embeddings,
+    /// norms, activations and the KV cache stay f32.
+    Int8,
 }
 
 impl DType {
@@ -27,12 +31,15 @@ impl DType {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
             DType::F16 => "f16",
+            DType::Int8 => "int8",
         }
     }
 
+    /// The kind tensors are stored and computed in (for `Int8`, everything
+    /// but the quantized linear weights).
     pub(crate) fn kind(self) -> tch::Kind {
         match self {
-            DType::F32 => tch::Kind::Float,
+            DType::F32 | DType::Int8 => tch::Kind::Float,
             DType::BF16 => tch::Kind::BFloat16,
             DType::F16 => tch::Kind::Half,
         }
@@ -49,8 +56,9 @@ impl FromStr for DType {
             "f32" | "float32" | "float" => Ok(DType::F32),
             "bf16" | "bfloat16" => Ok(DType::BF16),
             "f16" | "float16" | "half" => Ok(DType::F16),
+            "int8" | "i8" => Ok(DType::Int8),
             other => Err(format!(
-                "unknown dtype `{other}` (expected f32, bf16 or f16)"
+                "unknown dtype `{other}` (expected f32, bf16, f16 or int8)"
             )),
         }
     }

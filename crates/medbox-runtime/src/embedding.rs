@@ -509,6 +509,7 @@ impl Embedder {
             dtype,
             device,
             max_waiting: _,
+            batching: _,
         } = config;
         let load_encoder = move || {
             let started = std::time::Instant::now();

@@ -1,18 +1,23 @@
-//! The engine: one OS thread per model that owns the weights and every
-//! sequence's KV cache, fed by a bounded command channel. `Engine` is the
-//! cheap-to-clone handle the server keeps; it validates and tokenizes on the
-//! caller's thread and sends `ValidGenerateRequest`s to the engine thread.
+//! The engine: one OS thread per model that owns the weights and the KV
+//! cache, fed by a bounded command channel. `Engine` is the cheap-to-clone
+//! handle the server keeps; it validates and tokenizes on the caller's
+//! thread and sends `ValidGenerateRequest`s to the engine thread.
 //!
-//! The thread's loop: take the next request when idle, then call `step`
-//! until the running sequence finishes. One sequence runs at a time for now;
-//! continuous batching will turn `running` into a batch and let the loop take
-//! new requests between steps. Before each step the thread checks whether the
-//! caller dropped its `GenerationStream` and, if so, drops the sequence.
+//! The thread batches continuously (`Worker::run`): every step is one
+//! forward pass over one new token of each decoding sequence plus chunks of
+//! prompts being prefilled, so a request joins the running batch at the next
+//! step and leaves it as soon as it finishes or its caller drops the stream.
+//! The KV cache is a pool of fixed-size blocks (`kv_blocks`) with prefix
+//! reuse: a prompt that starts with blocks another request computed (an
+//! agent's system prompt, a chat's earlier turns) takes them instead of
+//! recomputing them.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tracing::{debug, info, instrument, warn};
@@ -20,13 +25,14 @@ use tracing::{debug, info, instrument, warn};
 use crate::chat::{self, ChatRequest, ChatTemplate};
 use crate::detokenize::IncrementalDecoder;
 use crate::error::{EngineError, LoadError, RuntimeError, ValidationError};
+use crate::kv_blocks::{BlockAllocator, BlockTable};
 use crate::loader::{self, LoadedModel};
-use crate::model::{KvCache, Model};
+use crate::model::{ChunkInput, KvPool, Model};
 use crate::model_thread;
 use crate::sampling::Sampler;
 use crate::stop::StopMatcher;
 use crate::validation::{GenerateRequest, ValidGenerateRequest, Validator};
-use crate::{EngineConfig, ModelInfo};
+use crate::{BatchingConfig, EngineConfig, ModelInfo};
 
 /// One token of a tokenized text: its id and its piece as the tokenizer names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +123,7 @@ struct Shared {
     thinks: bool,
     commands: SyncSender<Command>,
     max_waiting: usize,
+    max_running: usize,
     next_id: AtomicU64,
     load: Arc<EngineLoad>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -125,17 +132,58 @@ struct Shared {
 /// How busy an engine is, counted where work changes hands.
 #[derive(Debug, Default)]
 struct EngineLoad {
-    /// Submitted, not yet taken by the engine thread.
+    /// Submitted and not running (queued, or preempted and queued again).
     waiting: AtomicUsize,
-    /// Taken by the engine thread and not finished.
+    /// In the running batch.
     running: AtomicUsize,
+    /// Submitted and not finished: what `submit` bounds.
+    accepted: AtomicUsize,
+    /// Forward passes run so far.
+    steps: AtomicU64,
+    /// Prompt tokens taken from the prefix cache instead of computed.
+    reused_tokens: AtomicU64,
+    /// Sequences sent back to the queue because the KV cache was full.
+    preemptions: AtomicU64,
 }
+
+impl EngineLoad {
+    /// A sequence ended (finished, failed or cancelled).
+    fn leave(&self, was_waiting: bool) {
+        self.accepted.fetch_sub(1, Ordering::Relaxed);
+        if was_waiting {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The scheduler's limits, resolved at load.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    max_running: usize,
+    max_batch_tokens: usize,
+}
+
+/// Cache blocks hold this many positions each.
+const BLOCK_SIZE: usize = 16;
+/// The default KV cache is at most this large.
+const DEFAULT_KV_CACHE_LIMIT: usize = 2 << 30;
+/// … and sized for this many tokens per running sequence (less when the
+/// model's context is shorter).
+const DEFAULT_KV_TOKENS_PER_SEQUENCE: usize = 2048;
 
 /// A snapshot of an engine's load, for metrics and status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineLoadSnapshot {
+    /// Requests queued (never run, or preempted and queued again).
     pub waiting: usize,
+    /// Sequences in the running batch.
     pub running: usize,
+    /// Forward passes (engine steps) so far.
+    pub steps: u64,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub reused_tokens: u64,
+    /// Sequences preempted because the KV cache was full.
+    pub preemptions: u64,
 }
 
 /// What the engine thread hands back once the model is loaded.
@@ -172,11 +220,13 @@ impl Engine {
     /// failed to load. Call it from `spawn_blocking` in async code.
     #[instrument(skip_all, fields(model = %config.name))]
     pub fn start(config: EngineConfig) -> Result<Engine, LoadError> {
-        // `max_waiting` bounds the queue; the thread only takes a request
-        // from it when it can run it, so what sits there is what waits.
-        // The channel preallocates its slots, hence the cap.
         let max_waiting = config.max_waiting.min(MAX_WAITING_LIMIT);
-        let (commands, command_receiver) = std::sync::mpsc::sync_channel(max_waiting);
+        let batching = config.batching.clone();
+        let max_running = batching.max_running_sequences.max(1);
+        // Every accepted request may sit in the channel before the thread
+        // drains it; the channel preallocates its slots, hence the cap.
+        let (commands, command_receiver) =
+            std::sync::mpsc::sync_channel((max_waiting + max_running).min(MAX_WAITING_LIMIT));
         let load = Arc::new(EngineLoad::default());
         let worker_load = Arc::clone(&load);
         let thread_name = format!("medbox-engine-{}", config.name);
@@ -186,6 +236,7 @@ impl Engine {
             dtype,
             device,
             max_waiting: _,
+            batching: _,
         } = config;
         let load_model = move || {
             let started = std::time::Instant::now();
@@ -193,24 +244,40 @@ impl Engine {
                 model,
                 tokenizer,
                 info,
-                validator,
+                mut validator,
                 chat_template,
                 thinks,
             } = loader::load(&name, &path, dtype, device)?;
+            let (pool, blocks, capacity) = kv_cache(&model, &info, &batching)?;
+            // A request must fit the cache alone: the context shrinks to it.
+            let mut info = info;
+            info.max_context = info.max_context.min(capacity);
+            validator.max_context = info.max_context;
             info!(
                 model = %info.name,
                 architecture = %info.architecture,
                 dtype = %info.dtype,
                 device = %info.device,
+                kv_cache_tokens = capacity,
+                max_running_sequences = max_running,
+                max_batch_tokens = batching.max_batch_tokens,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "model loaded"
             );
             let worker = Worker {
                 model,
+                pool,
+                blocks,
                 tokenizer: Arc::clone(&tokenizer),
                 info: info.clone(),
-                running: None,
+                budget: Budget {
+                    max_running,
+                    max_batch_tokens: batching.max_batch_tokens.max(max_running),
+                },
+                waiting: VecDeque::new(),
+                running: Vec::new(),
                 load: worker_load,
+                stopping: false,
             };
             let ready = Ready {
                 info,
@@ -245,6 +312,7 @@ impl Engine {
                 thinks,
                 commands,
                 max_waiting,
+                max_running,
                 next_id: AtomicU64::new(0),
                 load,
                 thread: Mutex::new(Some(thread)),
@@ -258,9 +326,13 @@ impl Engine {
 
     /// Requests waiting for the engine and sequences it is running now.
     pub fn load(&self) -> EngineLoadSnapshot {
+        let load = &self.shared.load;
         EngineLoadSnapshot {
-            waiting: self.shared.load.waiting.load(Ordering::Relaxed),
-            running: self.shared.load.running.load(Ordering::Relaxed),
+            waiting: load.waiting.load(Ordering::Relaxed),
+            running: load.running.load(Ordering::Relaxed),
+            steps: load.steps.load(Ordering::Relaxed),
+            reused_tokens: load.reused_tokens.load(Ordering::Relaxed),
+            preemptions: load.preemptions.load(Ordering::Relaxed),
         }
     }
 
@@ -350,14 +422,28 @@ impl Engine {
             request,
             events,
         };
-        // Counted before the send, so the engine thread never takes it below zero.
-        self.shared.load.waiting.fetch_add(1, Ordering::Relaxed);
+        // At most `max_running` run and `max_waiting` more wait. Counted
+        // before the send, so the engine thread never takes it below zero.
+        let load = &self.shared.load;
+        let limit = self.shared.max_running + self.shared.max_waiting;
+        let admitted =
+            load.accepted
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |accepted| {
+                    (accepted < limit).then_some(accepted + 1)
+                });
+        if admitted.is_err() {
+            return Err(EngineError::QueueFull {
+                model: self.shared.info.name.clone(),
+                max_waiting: self.shared.max_waiting,
+            });
+        }
+        load.waiting.fetch_add(1, Ordering::Relaxed);
         let sent = self
             .shared
             .commands
             .try_send(Command::Generate(Box::new(submission)));
         if sent.is_err() {
-            self.shared.load.waiting.fetch_sub(1, Ordering::Relaxed);
+            load.leave(true);
         }
         match sent {
             Ok(()) => Ok(GenerationStream { events: receiver }),
@@ -389,20 +475,88 @@ impl Engine {
     }
 }
 
-/// A sequence being generated, owned by the engine thread.
+/// Allocates the KV cache pool from the batching budget. Returns it with
+/// its allocator and its capacity in tokens.
+fn kv_cache(
+    model: &Model,
+    info: &ModelInfo,
+    batching: &BatchingConfig,
+) -> Result<(KvPool, BlockAllocator, usize), LoadError> {
+    let per_token = model.kv_bytes_per_token().max(1);
+    let bytes = batching.kv_cache_bytes.unwrap_or_else(|| {
+        let tokens = info.max_context.min(DEFAULT_KV_TOKENS_PER_SEQUENCE)
+            * batching.max_running_sequences.max(1);
+        (tokens * per_token)
+            .min(DEFAULT_KV_CACHE_LIMIT)
+            .max(info.max_context * per_token)
+    });
+    let num_blocks = bytes / (per_token * BLOCK_SIZE);
+    // One more token than the longest prompt must fit, and a block spare.
+    if num_blocks < 2 {
+        return Err(LoadError::KvCache(format!(
+            "kv_cache_bytes {bytes} holds fewer than two blocks of {BLOCK_SIZE} tokens \
+             ({per_token} bytes each); raise it"
+        )));
+    }
+    let pool = model
+        .new_pool(num_blocks, BLOCK_SIZE)
+        .map_err(|error| LoadError::KvCache(format!("allocating {bytes} bytes: {error}")))?;
+    let capacity = (num_blocks - 1) * BLOCK_SIZE;
+    Ok((pool, BlockAllocator::new(num_blocks, BLOCK_SIZE), capacity))
+}
+
+/// A sequence owned by the engine thread, waiting or running.
+///
+/// `tokens` holds the prompt and what was generated; the first `computed`
+/// of them have their keys and values in the cache blocks of `blocks`.
+/// Each step feeds `tokens[computed..]` (or a chunk of it, for a long
+/// prompt); once the last one is fed, its logits give the next token.
 struct Sequence {
     id: u64,
     events: mpsc::Sender<GenerationEvent>,
     request: ValidGenerateRequest,
-    /// Prompt and generated tokens.
     tokens: Vec<u32>,
+    computed: usize,
+    blocks: BlockTable,
     completion_tokens: u32,
     /// Generated ids not yet sent with a delta.
     unsent_ids: Vec<u32>,
-    cache: KvCache,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
+    submitted: Instant,
+    /// Prompt tokens found in the prefix cache at the last admission.
+    reused: usize,
+}
+
+impl Sequence {
+    fn new(submission: Submission) -> Self {
+        let Submission {
+            id,
+            request,
+            events,
+        } = submission;
+        Sequence {
+            id,
+            events,
+            tokens: request.prompt_tokens.clone(),
+            computed: 0,
+            blocks: BlockTable::default(),
+            completion_tokens: 0,
+            unsent_ids: Vec::new(),
+            sampler: Sampler::new(request.sampling.clone()),
+            decoder: IncrementalDecoder::new(&request.prompt_tokens),
+            stop: StopMatcher::new(request.stop.clone()),
+            submitted: Instant::now(),
+            reused: 0,
+            request,
+        }
+    }
+
+    /// Tokens still to feed before the next token can be sampled.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
 }
 
 enum StepResult {
@@ -410,198 +564,400 @@ enum StepResult {
     Done,
 }
 
+/// One sequence's share of a step: feed `count` tokens from `computed`.
+struct Planned {
+    index: usize,
+    count: usize,
+    /// The chunk reaches the last token, so the step samples the next.
+    samples: bool,
+}
+
 /// The engine thread's state. Only this thread touches tensors.
+///
+/// The scheduling loop (`run`): take new submissions (waiting for one only
+/// when there is nothing else to do), drop cancelled sequences, admit
+/// waiting ones first come first served while a running slot and cache
+/// blocks for their prompt are free, then run one step: one token for every
+/// decoding sequence and, in what is left of `max_batch_tokens`, the next
+/// chunk of each prefilling prompt, all in one forward pass. When a decoding
+/// sequence needs a new cache block and none is left, the most recently
+/// admitted sequence is preempted: its blocks are released and it goes back
+/// to the front of the queue, to be recomputed (mostly from the prefix
+/// cache) when there is room. Running work is never failed for room.
 struct Worker {
     model: Model,
+    pool: KvPool,
+    blocks: BlockAllocator,
     tokenizer: Arc<tokenizers::Tokenizer>,
     info: ModelInfo,
-    running: Option<Sequence>,
+    budget: Budget,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
     load: Arc<EngineLoad>,
+    stopping: bool,
 }
 
 impl Worker {
     fn run(mut self, commands: Receiver<Command>) {
         let _no_grad = tch::no_grad_guard();
         loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                if self.stopping {
+                    break;
+                }
+                match commands.recv() {
+                    Ok(command) => self.take(command),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(command) = commands.try_recv() {
+                self.take(command);
+            }
+            self.drop_cancelled();
+            self.admit_waiting();
+            if !self.running.is_empty() {
+                self.step();
+            }
             self.load
                 .running
-                .store(usize::from(self.running.is_some()), Ordering::Relaxed);
-            if self.running.is_none() {
-                match commands.recv() {
-                    Ok(Command::Generate(submission)) => {
-                        self.load.waiting.fetch_sub(1, Ordering::Relaxed);
-                        self.admit(*submission);
-                    }
-                    Ok(Command::Shutdown) | Err(_) => break,
-                }
-                continue;
-            }
-            if let Some(mut sequence) = self.running.take()
-                && let StepResult::Continue = self.step(&mut sequence)
-            {
-                self.running = Some(sequence);
-            }
+                .store(self.running.len(), Ordering::Relaxed);
         }
         info!(model = %self.info.name, "engine stopped");
     }
 
-    fn admit(&mut self, submission: Submission) {
-        let Submission {
-            id,
-            request,
-            events,
-        } = submission;
-        debug!(
-            sequence = id,
-            prompt_tokens = request.prompt_tokens.len(),
-            "sequence admitted"
-        );
-        self.running = Some(Sequence {
-            id,
-            events,
-            tokens: request.prompt_tokens.clone(),
-            completion_tokens: 0,
-            unsent_ids: Vec::new(),
-            cache: self.model.new_cache(),
-            sampler: Sampler::new(request.sampling.clone()),
-            decoder: IncrementalDecoder::new(&request.prompt_tokens),
-            stop: StopMatcher::new(request.stop.clone()),
-            request,
-        });
-    }
-
-    /// Generates one token for `sequence` and sends what it settles.
-    #[instrument(skip_all, fields(sequence = sequence.id))]
-    fn step(&mut self, sequence: &mut Sequence) -> StepResult {
-        if sequence.events.is_closed() {
-            debug!(
-                reason = FinishReason::Cancelled.as_str(),
-                "sequence dropped"
-            );
-            return StepResult::Done;
-        }
-        // Prefill the prompt on the first step, then one token at a time.
-        let input = if sequence.cache.len() == 0 {
-            &sequence.tokens[..]
-        } else {
-            &sequence.tokens[sequence.tokens.len() - 1..]
-        };
-        let logits = self
-            .model
-            .forward(input, &mut sequence.cache, 1)
-            .and_then(|logits| Vec::<f32>::try_from(&logits.f_view([-1])?));
-        let mut logits = match logits {
-            Ok(logits) => logits,
-            Err(error) => {
-                warn!(%error, "forward failed");
-                let _ = sequence
-                    .events
-                    .try_send(GenerationEvent::Failed(EngineError::Model(
-                        error.to_string(),
-                    )));
-                return StepResult::Done;
-            }
-        };
-        let token = sequence.sampler.sample(&mut logits, &sequence.tokens);
-        sequence.tokens.push(token);
-        sequence.completion_tokens += 1;
-        sequence.unsent_ids.push(token);
-
-        if !sequence.request.ignore_eos && self.info.eos_token_ids.contains(&token) {
-            return self.finish(sequence, FinishReason::Stop, true);
-        }
-        let piece = match sequence.decoder.push(self.tokenizer.as_ref(), token) {
-            Ok(piece) => piece,
-            Err(error) => return self.fail(sequence, error),
-        };
-        let outcome = sequence.stop.push(&piece);
-        if outcome.stopped {
-            if !self.send_delta(sequence, outcome.release) {
-                return StepResult::Done;
-            }
-            return self.finish(sequence, FinishReason::Stop, false);
-        }
-        if !outcome.release.is_empty() && !self.send_delta(sequence, outcome.release) {
-            return StepResult::Done;
-        }
-        let at_max_tokens = sequence.completion_tokens >= sequence.request.max_tokens;
-        let at_context_end = sequence.tokens.len() >= self.info.max_context;
-        if at_max_tokens || at_context_end {
-            return self.finish(sequence, FinishReason::Length, true);
-        }
-        StepResult::Continue
-    }
-
-    /// Sends `text` with the ids generated since the last delta. False when
-    /// the caller is gone.
-    fn send_delta(&self, sequence: &mut Sequence, text: String) -> bool {
-        let token_ids = std::mem::take(&mut sequence.unsent_ids);
-        self.send(sequence, GenerationEvent::Delta { text, token_ids })
-    }
-
-    fn send(&self, sequence: &Sequence, event: GenerationEvent) -> bool {
-        match sequence.events.try_send(event) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+    fn take(&mut self, command: Command) {
+        match command {
+            Command::Generate(submission) => {
+                let sequence = Sequence::new(*submission);
                 debug!(
+                    sequence = sequence.id,
+                    prompt_tokens = sequence.tokens.len(),
+                    "sequence queued"
+                );
+                self.waiting.push_back(sequence);
+            }
+            Command::Shutdown => self.stopping = true,
+        }
+    }
+
+    /// Removes sequences whose caller dropped its stream, freeing their
+    /// slot and blocks before the next step.
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|sequence| !sequence.events.is_closed());
+        for _ in self.waiting.len()..before {
+            self.load.leave(true);
+        }
+        let mut index = 0;
+        while index < self.running.len() {
+            if self.running[index].events.is_closed() {
+                let mut sequence = self.running.remove(index);
+                debug!(
+                    sequence = sequence.id,
                     reason = FinishReason::Cancelled.as_str(),
                     "sequence dropped"
                 );
-                false
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // Cannot happen: the channel holds every event of a sequence.
-                warn!(
-                    sequence = sequence.id,
-                    "event channel full; dropping the sequence"
-                );
-                false
+                self.end(&mut sequence, false);
+            } else {
+                index += 1;
             }
         }
     }
 
-    /// Sends `Finished`, after the held-back text when `release_held` (the
-    /// text after a stop string is dropped instead).
-    fn finish(
-        &self,
-        sequence: &mut Sequence,
-        mut reason: FinishReason,
-        release_held: bool,
-    ) -> StepResult {
-        let mut text = String::new();
-        if release_held {
-            let rest = match sequence.decoder.flush(self.tokenizer.as_ref()) {
-                Ok(rest) => rest,
-                Err(error) => return self.fail(sequence, error),
+    /// First come, first served: the head of the queue is admitted when a
+    /// running slot and blocks for its whole prompt (less what the prefix
+    /// cache holds) plus one token are free; the others wait behind it.
+    fn admit_waiting(&mut self) {
+        while self.running.len() < self.budget.max_running {
+            let Some(sequence) = self.waiting.front_mut() else {
+                break;
             };
-            let outcome = sequence.stop.push(&rest);
-            text.push_str(&outcome.release);
-            if outcome.stopped {
-                reason = FinishReason::Stop;
-            } else {
-                text.push_str(&sequence.stop.flush());
+            let limit = sequence.tokens.len() - 1;
+            let (table, cached) = self.blocks.match_prefix(&sequence.tokens, limit);
+            sequence.blocks = table;
+            if !self
+                .blocks
+                .grow(&mut sequence.blocks, sequence.tokens.len() + 1)
+            {
+                self.blocks.release(&mut sequence.blocks);
+                break;
+            }
+            sequence.computed = cached;
+            sequence.reused = cached;
+            self.load
+                .reused_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
+            let Some(sequence) = self.waiting.pop_front() else {
+                break;
+            };
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+            debug!(
+                sequence = sequence.id,
+                prompt_tokens = sequence.tokens.len(),
+                reused_tokens = cached,
+                queued_ms = sequence.submitted.elapsed().as_millis() as u64,
+                "sequence admitted"
+            );
+            self.running.push(sequence);
+        }
+    }
+
+    /// Gives every decoding sequence a block for its next position,
+    /// preempting the most recently admitted sequence while none is free.
+    fn make_room(&mut self) {
+        let mut index = 0;
+        while index < self.running.len() {
+            let sequence = &mut self.running[index];
+            let needed = sequence.tokens.len();
+            if self.blocks.grow(&mut sequence.blocks, needed) {
+                index += 1;
+                continue;
+            }
+            let Some(mut newest) = self.running.pop() else {
+                break;
+            };
+            debug!(
+                sequence = newest.id,
+                computed = newest.computed,
+                "sequence preempted: KV cache full"
+            );
+            self.blocks.release(&mut newest.blocks);
+            newest.computed = 0;
+            self.load.preemptions.fetch_add(1, Ordering::Relaxed);
+            self.load.waiting.fetch_add(1, Ordering::Relaxed);
+            self.waiting.push_front(newest);
+        }
+    }
+
+    /// Decodes first (one token each), then prefill chunks in admission
+    /// order within what is left of the token budget.
+    fn plan(&self) -> Vec<Planned> {
+        let mut budget = self.budget.max_batch_tokens;
+        let mut plan = Vec::with_capacity(self.running.len());
+        for (index, sequence) in self.running.iter().enumerate() {
+            if sequence.pending() == 1 && budget > 0 {
+                plan.push(Planned {
+                    index,
+                    count: 1,
+                    samples: true,
+                });
+                budget -= 1;
             }
         }
-        if (!text.is_empty() || !sequence.unsent_ids.is_empty()) && !self.send_delta(sequence, text)
-        {
+        for (index, sequence) in self.running.iter().enumerate() {
+            let pending = sequence.pending();
+            if pending > 1 && budget > 0 {
+                let count = pending.min(budget);
+                plan.push(Planned {
+                    index,
+                    count,
+                    samples: count == pending,
+                });
+                budget -= count;
+            }
+        }
+        plan
+    }
+
+    /// One forward pass for the planned share of every running sequence,
+    /// then one sampled token for each sequence whose input is all fed.
+    fn step(&mut self) {
+        self.make_room();
+        let plan = self.plan();
+        if plan.is_empty() {
+            return;
+        }
+        let chunks: Vec<ChunkInput<'_>> = plan
+            .iter()
+            .map(|planned| {
+                let sequence = &self.running[planned.index];
+                ChunkInput {
+                    tokens: &sequence.tokens[sequence.computed..sequence.computed + planned.count],
+                    offset: sequence.computed,
+                    blocks: &sequence.blocks.blocks,
+                    logits: usize::from(planned.samples),
+                }
+            })
+            .collect();
+        let logits = self
+            .model
+            .forward_batch(&chunks, &mut self.pool)
+            .and_then(|logits| {
+                let rows = logits.size()[0];
+                Vec::<f32>::try_from(&logits.f_view([-1])?).map(|flat| (flat, rows))
+            });
+        drop(chunks);
+        self.load.steps.fetch_add(1, Ordering::Relaxed);
+        let (logits, rows) = match logits {
+            Ok(logits) => logits,
+            Err(error) => {
+                warn!(%error, sequences = plan.len(), "forward failed");
+                let failed: Vec<usize> = plan.iter().map(|planned| planned.index).collect();
+                self.finish_indices(&failed, |worker, sequence| {
+                    worker.fail(sequence, error.to_string());
+                });
+                return;
+            }
+        };
+        let vocab = if rows > 0 {
+            logits.len() / rows as usize
+        } else {
+            0
+        };
+        let mut row = 0;
+        let mut done = Vec::new();
+        for planned in &plan {
+            let sequence = &mut self.running[planned.index];
+            sequence.computed += planned.count;
+            self.blocks.register_full_blocks(
+                &mut sequence.blocks,
+                &sequence.tokens,
+                sequence.computed,
+            );
+            if !planned.samples {
+                continue;
+            }
+            let mut scores = logits[row * vocab..(row + 1) * vocab].to_vec();
+            row += 1;
+            let sequence = &mut self.running[planned.index];
+            if let StepResult::Done = advance(&self.info, &self.tokenizer, sequence, &mut scores) {
+                done.push(planned.index);
+            }
+        }
+        self.finish_indices(&done, |_, _| {});
+    }
+
+    /// Removes the running sequences at `indices` (ascending), after
+    /// calling `last` on each, and releases their blocks.
+    fn finish_indices(&mut self, indices: &[usize], last: impl Fn(&Worker, &Sequence)) {
+        for &index in indices.iter().rev() {
+            let mut sequence = self.running.remove(index);
+            last(self, &sequence);
+            self.end(&mut sequence, false);
+        }
+    }
+
+    fn end(&mut self, sequence: &mut Sequence, waiting: bool) {
+        self.blocks.release(&mut sequence.blocks);
+        self.load.leave(waiting);
+    }
+
+    fn fail(&self, sequence: &Sequence, error: String) {
+        warn!(sequence = sequence.id, %error, "sequence failed");
+        send(sequence, GenerationEvent::Failed(EngineError::Model(error)));
+    }
+}
+
+/// Samples the next token of `sequence` from its logits and sends what it
+/// settles: a delta, and `Finished` when it ends.
+fn advance(
+    info: &ModelInfo,
+    tokenizer: &tokenizers::Tokenizer,
+    sequence: &mut Sequence,
+    logits: &mut [f32],
+) -> StepResult {
+    let token = sequence.sampler.sample(logits, &sequence.tokens);
+    sequence.tokens.push(token);
+    sequence.completion_tokens += 1;
+    sequence.unsent_ids.push(token);
+
+    if !sequence.request.ignore_eos && info.eos_token_ids.contains(&token) {
+        return finish(tokenizer, sequence, FinishReason::Stop, true);
+    }
+    let piece = match sequence.decoder.push(tokenizer, token) {
+        Ok(piece) => piece,
+        Err(error) => return fail_sequence(sequence, error),
+    };
+    let outcome = sequence.stop.push(&piece);
+    if outcome.stopped {
+        if !send_delta(sequence, outcome.release) {
             return StepResult::Done;
         }
-        let usage = Usage {
-            prompt_tokens: sequence.request.prompt_tokens.len() as u32,
-            completion_tokens: sequence.completion_tokens,
-        };
-        debug!(
-            reason = reason.as_str(),
-            completion_tokens = usage.completion_tokens,
-            "sequence finished"
-        );
-        self.send(sequence, GenerationEvent::Finished { reason, usage });
-        StepResult::Done
+        return finish(tokenizer, sequence, FinishReason::Stop, false);
     }
+    if !outcome.release.is_empty() && !send_delta(sequence, outcome.release) {
+        return StepResult::Done;
+    }
+    let at_max_tokens = sequence.completion_tokens >= sequence.request.max_tokens;
+    let at_context_end = sequence.tokens.len() >= info.max_context;
+    if at_max_tokens || at_context_end {
+        return finish(tokenizer, sequence, FinishReason::Length, true);
+    }
+    StepResult::Continue
+}
 
-    fn fail(&self, sequence: &Sequence, error: String) -> StepResult {
-        warn!(%error, "sequence failed");
-        self.send(sequence, GenerationEvent::Failed(EngineError::Model(error)));
-        StepResult::Done
+/// Sends `text` with the ids generated since the last delta. False when
+/// the caller is gone.
+fn send_delta(sequence: &mut Sequence, text: String) -> bool {
+    let token_ids = std::mem::take(&mut sequence.unsent_ids);
+    send(sequence, GenerationEvent::Delta { text, token_ids })
+}
+
+fn send(sequence: &Sequence, event: GenerationEvent) -> bool {
+    match sequence.events.try_send(event) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            debug!(
+                sequence = sequence.id,
+                reason = FinishReason::Cancelled.as_str(),
+                "sequence dropped"
+            );
+            false
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            // Cannot happen: the channel holds every event of a sequence.
+            warn!(
+                sequence = sequence.id,
+                "event channel full; dropping the sequence"
+            );
+            false
+        }
     }
+}
+
+/// Sends `Finished`, after the held-back text when `release_held` (the
+/// text after a stop string is dropped instead).
+fn finish(
+    tokenizer: &tokenizers::Tokenizer,
+    sequence: &mut Sequence,
+    mut reason: FinishReason,
+    release_held: bool,
+) -> StepResult {
+    let mut text = String::new();
+    if release_held {
+        let rest = match sequence.decoder.flush(tokenizer) {
+            Ok(rest) => rest,
+            Err(error) => return fail_sequence(sequence, error),
+        };
+        let outcome = sequence.stop.push(&rest);
+        text.push_str(&outcome.release);
+        if outcome.stopped {
+            reason = FinishReason::Stop;
+        } else {
+            text.push_str(&sequence.stop.flush());
+        }
+    }
+    if (!text.is_empty() || !sequence.unsent_ids.is_empty()) && !send_delta(sequence, text) {
+        return StepResult::Done;
+    }
+    let usage = Usage {
+        prompt_tokens: sequence.request.prompt_tokens.len() as u32,
+        completion_tokens: sequence.completion_tokens,
+    };
+    debug!(
+        sequence = sequence.id,
+        reason = reason.as_str(),
+        completion_tokens = usage.completion_tokens,
+        reused_tokens = sequence.reused,
+        elapsed_ms = sequence.submitted.elapsed().as_millis() as u64,
+        "sequence finished"
+    );
+    send(sequence, GenerationEvent::Finished { reason, usage });
+    StepResult::Done
+}
+
+fn fail_sequence(sequence: &Sequence, error: String) -> StepResult {
+    warn!(sequence = sequence.id, %error, "sequence failed");
+    send(sequence, GenerationEvent::Failed(EngineError::Model(error)));
+    StepResult::Done
 }

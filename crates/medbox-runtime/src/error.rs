@@ -57,6 +57,8 @@ pub enum LoadError {
     Thread(String),
     #[error("`{path}` has an invalid chat template: {message}")]
     ChatTemplate { path: PathBuf, message: String },
+    #[error("the KV cache could not be set up: {0}")]
+    KvCache(String),
 }
 
 impl LoadError {
@@ -76,6 +78,7 @@ impl LoadError {
             LoadError::DeviceUnavailable { .. } => "device_unavailable",
             LoadError::Thread(_) => "thread",
             LoadError::ChatTemplate { .. } => "chat_template",
+            LoadError::KvCache(_) => "kv_cache",
         }
     }
 }

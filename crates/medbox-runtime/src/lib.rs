@@ -54,6 +54,7 @@ mod detokenize;
 mod embedding;
 mod engine;
 mod error;
+mod kv_blocks;
 mod loader;
 mod model;
 mod model_thread;
@@ -87,9 +88,36 @@ pub struct EngineConfig {
     pub dtype: Option<DType>,
     pub device: Device,
     /// Requests that may wait while the engine is busy; more get
-    /// `EngineError::QueueFull`. With 0, a request is accepted only when the
-    /// engine is idle and waiting for work. Capped at `MAX_WAITING_LIMIT`.
+    /// `EngineError::QueueFull`. With 0, a request is accepted only when a
+    /// running slot is free. Capped at `MAX_WAITING_LIMIT`.
     pub max_waiting: usize,
+    /// Continuous batching budgets (decoder models only).
+    pub batching: BatchingConfig,
+}
+
+/// The engine's continuous-batching budgets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchingConfig {
+    /// Sequences in the running batch at most; more wait.
+    pub max_running_sequences: usize,
+    /// Tokens one forward pass may process: one per decoding sequence, the
+    /// rest for chunks of prompts being prefilled. Long prompts are split
+    /// into chunks of what is left, so running streams keep flowing.
+    pub max_batch_tokens: usize,
+    /// Memory for keys and values. `None`: room for `max_running_sequences`
+    /// sequences of up to 2,048 tokens (at most 2 GiB, at least one full
+    /// context). The model's context is cut to what the cache holds.
+    pub kv_cache_bytes: Option<usize>,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_running_sequences: 32,
+            max_batch_tokens: 512,
+            kv_cache_bytes: None,
+        }
+    }
 }
 
 /// What a loaded model is.
@@ -112,7 +140,7 @@ pub struct ModelInfo {
 pub mod debug {
     use std::path::Path;
 
-    use crate::{DType, Device, LoadError, RuntimeError, loader};
+    use crate::{DType, Device, LoadError, RuntimeError, loader, model};
 
     /// Loads the model in `path` on the calling thread and returns the logits
     /// of every position of `ids` (one row of `vocab_size` per token),
@@ -127,16 +155,30 @@ pub mod debug {
     ) -> Result<Vec<Vec<f32>>, DebugError> {
         let _no_grad = tch::no_grad_guard();
         let loaded = loader::load("debug", path, Some(dtype), device)?;
-        let mut cache = loaded.model.new_cache();
+        let block_size = 16;
+        let num_blocks = ids.len().div_ceil(block_size).max(1);
+        let mut pool = loaded
+            .model
+            .new_pool(num_blocks, block_size)
+            .map_err(RuntimeError::from)?;
+        let blocks: Vec<u32> = (0..num_blocks as u32).collect();
         let mut rows = Vec::with_capacity(ids.len());
+        let mut offset = 0;
         for piece in ids.chunks(chunk.max(1)) {
+            let input = model::ChunkInput {
+                tokens: piece,
+                offset,
+                blocks: &blocks,
+                logits: piece.len(),
+            };
             let logits = loaded
                 .model
-                .forward(piece, &mut cache, piece.len())
+                .forward_batch(&[input], &mut pool)
                 .map_err(RuntimeError::from)?;
             let logits: Vec<Vec<f32>> =
                 Vec::<Vec<f32>>::try_from(&logits).map_err(RuntimeError::from)?;
             rows.extend(logits);
+            offset += piece.len();
         }
         Ok(rows)
     }

@@ -40,8 +40,15 @@ impl RmsNorm {
 }
 
 struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+enum LinearWeight {
+    /// (out, in) in the model's dtype.
+    Dense(Tensor),
+    /// (out, in) int8 and one f32 scale per output row: `w ≈ q · scale`.
+    Int8 { weight: Tensor, scales: Tensor },
 }
 
 impl Linear {
@@ -52,8 +59,18 @@ impl Linear {
         out_features: usize,
         bias: bool,
     ) -> Result<Self, LoadError> {
+        let weight_name = format!("{name}.weight");
+        let weight = weights.get(&weight_name, &[out_features, in_features])?;
         Ok(Linear {
-            weight: weights.get(&format!("{name}.weight"), &[out_features, in_features])?,
+            weight: if weights.quantize_linears() {
+                quantize(&weight).map_err(|error| LoadError::Tensor {
+                    path: "model weights".into(),
+                    tensor: weight_name,
+                    message: format!("int8 quantization: {error}"),
+                })?
+            } else {
+                LinearWeight::Dense(weight)
+            },
             bias: if bias {
                 Some(weights.get(&format!("{name}.bias"), &[out_features])?)
             } else {
@@ -62,9 +79,49 @@ impl Linear {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
-        xs.f_linear(&self.weight, self.bias.as_ref())
+    /// A dense layer over an existing tensor (a tied output head).
+    fn dense(weight: Tensor) -> Self {
+        Linear {
+            weight: LinearWeight::Dense(weight),
+            bias: None,
+        }
     }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        match &self.weight {
+            LinearWeight::Dense(weight) => xs.f_linear(weight, self.bias.as_ref()),
+            LinearWeight::Int8 { weight, scales } => {
+                // The kernel takes (M, K) rows; callers pass (N, E) already.
+                let rows = xs.f_contiguous()?;
+                let out = rows.f_internal_weight_int8pack_mm(weight, scales)?;
+                match &self.bias {
+                    Some(bias) => out.f_add(bias),
+                    None => Ok(out),
+                }
+            }
+        }
+    }
+}
+
+/// Symmetric per-output-channel int8: each row's scale maps its largest
+/// magnitude to 127.
+fn quantize(weight: &Tensor) -> Result<LinearWeight, TchError> {
+    let weight = weight.f_to_kind(Kind::Float)?;
+    let scales = weight
+        .f_abs()?
+        .f_amax([1i64].as_slice(), false)?
+        .f_clamp_min(1e-12)?
+        .f_div_scalar(127.0)?;
+    let quantized = weight
+        .f_div(&scales.f_unsqueeze(1)?)?
+        .f_round()?
+        .f_clamp(-127.0, 127.0)?
+        .f_to_kind(Kind::Int8)?
+        .f_contiguous()?;
+    Ok(LinearWeight::Int8 {
+        weight: quantized,
+        scales,
+    })
 }
 
 /// Precomputed cos and sin tables for every position up to the context.
@@ -97,17 +154,23 @@ impl RotaryEmbedding {
         })
     }
 
-    /// Rotates `xs` (B, heads, L, D) for positions offset..offset+L.
-    fn apply(&self, xs: &Tensor, offset: usize) -> Result<Tensor, TchError> {
-        let length = xs.size()[2];
-        let cos = self.cos.f_narrow(0, offset as i64, length)?;
-        let sin = self.sin.f_narrow(0, offset as i64, length)?;
-        let half = xs.size()[3] / 2;
-        let first = xs.f_narrow(-1, 0, half)?;
-        let second = xs.f_narrow(-1, half, half)?;
-        let rotated = Tensor::f_cat(&[&second.f_neg()?, &first], -1)?;
-        xs.f_mul(&cos)?.f_add(&rotated.f_mul(&sin)?)
+    /// The cos and sin rows of `positions` (N,), shaped (N, 1, D) to
+    /// broadcast over the heads.
+    fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+        Ok((
+            self.cos.f_index_select(0, positions)?.f_unsqueeze(1)?,
+            self.sin.f_index_select(0, positions)?.f_unsqueeze(1)?,
+        ))
     }
+}
+
+/// Rotates `xs` (N, heads, D) by the angles `at` gave for its rows.
+fn rotate(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, TchError> {
+    let half = xs.size()[2] / 2;
+    let first = xs.f_narrow(-1, 0, half)?;
+    let second = xs.f_narrow(-1, half, half)?;
+    let rotated = Tensor::f_cat(&[&second.f_neg()?, &first], -1)?;
+    xs.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)
 }
 
 /// Applies `linear` or `llama3` scaling to the inverse frequencies, following
@@ -146,26 +209,6 @@ fn scale_inverse_frequencies(inv_freq: Vec<f32>, scaling: RopeScaling) -> Vec<f3
                 })
                 .collect()
         }
-    }
-}
-
-/// Keys and values of every layer for one sequence; grows by concatenation.
-pub(crate) struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    length: usize,
-}
-
-impl KvCache {
-    pub(crate) fn new(num_layers: usize) -> Self {
-        KvCache {
-            layers: (0..num_layers).map(|_| None).collect(),
-            length: 0,
-        }
-    }
-
-    /// Tokens already in the cache (the position of the next token).
-    pub(crate) fn len(&self) -> usize {
-        self.length
     }
 }
 
@@ -245,57 +288,101 @@ impl Attention {
         })
     }
 
-    /// xs: (B, L, E) → (B, L, E). Appends this step's keys and values to `cache`.
+    /// xs: (N, E), the new tokens of every sequence in the batch, one row
+    /// each → (N, E). Writes this step's keys and values into the layer's
+    /// pool rows, then attends each sequence to its own rows.
     fn forward(
         &self,
         xs: &Tensor,
-        rotary: &RotaryEmbedding,
-        cache: &mut Option<(Tensor, Tensor)>,
-        offset: usize,
-        mask: Option<&Tensor>,
+        rotation: &(Tensor, Tensor),
+        layout: &BatchLayout,
+        keys_pool: &mut Tensor,
+        values_pool: &mut Tensor,
     ) -> Result<Tensor, TchError> {
-        let (batch, length) = (xs.size()[0], xs.size()[1]);
+        let rows = xs.size()[0];
+        let (cos, sin) = rotation;
         let heads = |projection: &Linear, heads: i64, norm: &Option<RmsNorm>| {
             let states = projection
                 .forward(xs)?
-                .f_view([batch, length, heads, self.head_dim])?;
-            let states = match norm {
-                Some(norm) => norm.forward(&states)?,
-                None => states,
-            };
-            states.f_transpose(1, 2) // (B, heads, L, D)
+                .f_view([rows, heads, self.head_dim])?;
+            match norm {
+                Some(norm) => norm.forward(&states),
+                None => Ok(states),
+            }
         };
-        let query = rotary.apply(&heads(&self.q_proj, self.num_heads, &self.q_norm)?, offset)?;
-        let key = rotary.apply(
-            &heads(&self.k_proj, self.num_kv_heads, &self.k_norm)?,
-            offset,
+        let query = rotate(
+            &heads(&self.q_proj, self.num_heads, &self.q_norm)?,
+            cos,
+            sin,
         )?;
-        let value = heads(&self.v_proj, self.num_kv_heads, &None)?;
-        let (key, value) = match cache.take() {
-            Some((past_key, past_value)) => (
-                Tensor::f_cat(&[&past_key, &key], 2)?,
-                Tensor::f_cat(&[&past_value, &value], 2)?,
-            ),
-            None => (key, value),
-        }; // (B, K, T, D)
-        *cache = Some((key.shallow_clone(), value.shallow_clone()));
-        let repeats = self.num_heads / self.num_kv_heads;
-        let (key, value) = if repeats > 1 {
-            (
-                key.f_repeat_interleave_self_int(repeats, 1, None)?,
-                value.f_repeat_interleave_self_int(repeats, 1, None)?,
-            )
+        let key = rotate(
+            &heads(&self.k_proj, self.num_kv_heads, &self.k_norm)?,
+            cos,
+            sin,
+        )?;
+        let value = heads(&self.v_proj, self.num_kv_heads, &None)?; // (N, K, D)
+        // In place; the returned handle is the pool itself.
+        let _pool = keys_pool.f_index_copy_(0, &layout.write_rows, &key)?;
+        let _pool = values_pool.f_index_copy_(0, &layout.write_rows, &value)?;
+        let grouped = self.num_heads != self.num_kv_heads;
+        let mut outputs = Vec::with_capacity(layout.prefills.len() + 1);
+        if let Some(decode) = &layout.decode {
+            let count = decode.count;
+            let query = query.f_narrow(0, 0, count)?.f_unsqueeze(2)?; // (B, H, 1, D)
+            let gathered = |pool: &Tensor| {
+                pool.f_index_select(0, &decode.gather)?
+                    .f_view([count, decode.span, self.num_kv_heads, self.head_dim])?
+                    .f_transpose(1, 2) // (B, K, T, D)
+            };
+            let attended = Tensor::f_scaled_dot_product_attention(
+                &query,
+                &gathered(keys_pool)?,
+                &gathered(values_pool)?,
+                decode.mask.as_ref(),
+                0.0,
+                false,
+                None,
+                grouped,
+            )?; // (B, H, 1, D)
+            outputs.push(attended.f_reshape([count, self.num_heads * self.head_dim])?);
+        }
+        for chunk in &layout.prefills {
+            let query = query
+                .f_narrow(0, chunk.start, chunk.length)?
+                .f_transpose(0, 1)?
+                .f_unsqueeze(0)?; // (1, H, L, D)
+            let (chunk_keys, chunk_values) = match &chunk.gather {
+                Some(gather) => (
+                    keys_pool.f_index_select(0, gather)?,
+                    values_pool.f_index_select(0, gather)?,
+                ),
+                None => (
+                    key.f_narrow(0, chunk.start, chunk.length)?,
+                    value.f_narrow(0, chunk.start, chunk.length)?,
+                ),
+            }; // (T, K, D)
+            let attended = Tensor::f_scaled_dot_product_attention(
+                &query,
+                &chunk_keys.f_transpose(0, 1)?.f_unsqueeze(0)?,
+                &chunk_values.f_transpose(0, 1)?.f_unsqueeze(0)?,
+                chunk.mask.as_ref(),
+                0.0,
+                chunk.causal,
+                None,
+                grouped,
+            )?; // (1, H, L, D)
+            outputs.push(
+                attended
+                    .f_squeeze_dim(0)?
+                    .f_transpose(0, 1)?
+                    .f_reshape([chunk.length, self.num_heads * self.head_dim])?,
+            );
+        }
+        let merged = if outputs.len() == 1 {
+            outputs.swap_remove(0)
         } else {
-            (key, value)
-        }; // (B, H, T, D)
-        let attended = Tensor::f_scaled_dot_product_attention(
-            &query, &key, &value, mask, 0.0, false, None, false,
-        )?; // (B, H, L, D)
-        let merged = attended.f_transpose(1, 2)?.f_reshape([
-            batch,
-            length,
-            self.num_heads * self.head_dim,
-        ])?;
+            Tensor::f_cat(&outputs, 0)?
+        };
         self.o_proj.forward(&merged)
     }
 }
@@ -384,17 +471,17 @@ impl Block {
     fn forward(
         &self,
         xs: &Tensor,
-        rotary: &RotaryEmbedding,
-        cache: &mut Option<(Tensor, Tensor)>,
-        offset: usize,
-        mask: Option<&Tensor>,
+        rotation: &(Tensor, Tensor),
+        layout: &BatchLayout,
+        keys_pool: &mut Tensor,
+        values_pool: &mut Tensor,
     ) -> Result<Tensor, TchError> {
         let attended = self.self_attn.forward(
             &self.input_layernorm.forward(xs)?,
-            rotary,
-            cache,
-            offset,
-            mask,
+            rotation,
+            layout,
+            keys_pool,
+            values_pool,
         )?;
         let xs = xs.f_add(&attended)?;
         let transformed = self
@@ -408,11 +495,15 @@ pub(crate) struct Model {
     embed_tokens: Tensor,
     layers: Vec<Block>,
     norm: RmsNorm,
-    /// `None` when tied to `embed_tokens`.
-    lm_head: Option<Tensor>,
+    /// The output head: `lm_head.weight`, or the embeddings when tied
+    /// (quantized separately for int8, so the lookup stays exact).
+    lm_head: Linear,
     rotary: RotaryEmbedding,
     sliding_window: Option<usize>,
     max_position_embeddings: usize,
+    num_kv_heads: i64,
+    head_dim: i64,
+    kind: Kind,
     device: tch::Device,
 }
 
@@ -431,10 +522,19 @@ impl Model {
         let norm = RmsNorm::load(weights, "model.norm", hidden, settings.rms_norm_eps)?;
         // Some tied checkpoints still store lm_head.weight; a tied model uses
         // the embeddings regardless, as transformers does.
-        let lm_head = if settings.tie_word_embeddings {
-            None
+        let lm_head = if !settings.tie_word_embeddings {
+            Linear::load(weights, "lm_head", hidden, vocab, false)?
+        } else if weights.quantize_linears() {
+            Linear {
+                weight: quantize(&embed_tokens).map_err(|error| LoadError::Tensor {
+                    path: "model weights".into(),
+                    tensor: "model.embed_tokens.weight".into(),
+                    message: format!("int8 quantization: {error}"),
+                })?,
+                bias: None,
+            }
         } else {
-            Some(weights.get("lm_head.weight", &[vocab, hidden])?)
+            Linear::dense(embed_tokens.shallow_clone())
         };
         let rotary =
             RotaryEmbedding::new(settings, kind, device).map_err(|error| LoadError::Tensor {
@@ -450,78 +550,292 @@ impl Model {
             rotary,
             sliding_window: settings.sliding_window,
             max_position_embeddings: settings.max_position_embeddings,
+            num_kv_heads: settings.num_key_value_heads as i64,
+            head_dim: settings.head_dim as i64,
+            kind,
             device,
         })
     }
 
-    pub(crate) fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+    /// Bytes of keys and values one cached token takes, over all layers.
+    pub(crate) fn kv_bytes_per_token(&self) -> usize {
+        2 * self.layers.len()
+            * (self.num_kv_heads * self.head_dim) as usize
+            * self.kind.elt_size_in_bytes()
     }
 
-    /// Runs `tokens` (the next tokens of one sequence) through the decoder
-    /// after what `cache` holds, and returns the logits of the last
-    /// `num_logits` positions as (num_logits, V) in f32 on the CPU.
-    pub(crate) fn forward(
+    /// The whole KV cache: `num_blocks` blocks of `block_size` positions
+    /// per layer, allocated once.
+    pub(crate) fn new_pool(
         &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        num_logits: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<KvPool, TchError> {
+        let rows = (num_blocks * block_size) as i64;
+        let shape = [rows, self.num_kv_heads, self.head_dim];
+        let mut keys = Vec::with_capacity(self.layers.len());
+        let mut values = Vec::with_capacity(self.layers.len());
+        for _ in &self.layers {
+            keys.push(Tensor::f_zeros(shape, (self.kind, self.device))?);
+            values.push(Tensor::f_zeros(shape, (self.kind, self.device))?);
+        }
+        Ok(KvPool {
+            keys,
+            values,
+            block_size,
+        })
+    }
+
+    /// One decoder pass over the new tokens of several sequences at once
+    /// (continuous batching: each `ChunkInput` is one sequence's next
+    /// tokens after what its blocks already hold). Keys and values are
+    /// written into `pool`. Returns the logits of the last `logits`
+    /// positions of each chunk, in order, as (rows, V) in f32 on the CPU.
+    ///
+    /// One-token chunks at the front are attended as one batch; put decode
+    /// steps first and prefill chunks after them.
+    pub(crate) fn forward_batch(
+        &self,
+        chunks: &[ChunkInput<'_>],
+        pool: &mut KvPool,
     ) -> Result<Tensor, TchError> {
-        let offset = cache.length;
-        let length = tokens.len();
-        if length == 0 || num_logits == 0 || num_logits > length {
-            return Err(TchError::Shape(format!(
-                "forward needs 1 ≤ num_logits ({num_logits}) ≤ tokens ({length})"
-            )));
+        let layout = self.layout(chunks, pool.block_size)?;
+        let ids = Tensor::f_from_slice(&layout.ids)?.f_to_device(self.device)?;
+        let rotation = self.rotary.at(&layout.positions)?;
+        let mut xs = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?; // (N, E)
+        for ((layer, keys), values) in self
+            .layers
+            .iter()
+            .zip(pool.keys.iter_mut())
+            .zip(pool.values.iter_mut())
+        {
+            xs = layer.forward(&xs, &rotation, &layout, keys, values)?;
         }
-        if offset + length > self.max_position_embeddings {
-            return Err(TchError::Shape(format!(
-                "sequence of {} tokens exceeds max_position_embeddings {}",
-                offset + length,
-                self.max_position_embeddings
-            )));
-        }
-        let ids: Vec<i64> = tokens.iter().map(|&id| id as i64).collect();
-        let ids = Tensor::f_from_slice(&ids)?
-            .f_to_device(self.device)?
-            .f_unsqueeze(0)?; // (1, L)
-        let mask = self.attention_mask(offset, length)?;
-        let mut xs = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?; // (1, L, E)
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            xs = layer.forward(&xs, &self.rotary, layer_cache, offset, mask.as_ref())?;
-        }
-        cache.length = offset + length;
-        let last = xs.f_narrow(1, (length - num_logits) as i64, num_logits as i64)?;
+        let last = xs.f_index_select(0, &layout.logit_rows)?;
         let last = self.norm.forward(&last)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        last.f_linear(head, None::<Tensor>)?
-            .f_squeeze_dim(0)?
+        self.lm_head
+            .forward(&last)?
             .f_to_kind(Kind::Float)?
             .f_to_device(tch::Device::Cpu)
     }
 
-    /// A boolean (L, T) mask, true where a query may attend, or `None` when
-    /// every cached and new key is visible (a single new token, no window).
-    fn attention_mask(&self, offset: usize, length: usize) -> Result<Option<Tensor>, TchError> {
+    /// Checks the chunks and builds the index tensors every layer shares.
+    fn layout(
+        &self,
+        chunks: &[ChunkInput<'_>],
+        block_size: usize,
+    ) -> Result<BatchLayout, TchError> {
+        let row_of = |blocks: &[u32], position: usize| -> i64 {
+            (blocks[position / block_size] as usize * block_size + position % block_size) as i64
+        };
+        let total: usize = chunks.iter().map(|chunk| chunk.tokens.len()).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut write_rows = Vec::with_capacity(total);
+        let mut logit_rows = Vec::new();
+        for chunk in chunks {
+            let (length, end) = (chunk.tokens.len(), chunk.offset + chunk.tokens.len());
+            if length == 0 || chunk.logits > length {
+                return Err(TchError::Shape(format!(
+                    "a chunk needs 1 ≤ tokens ({length}) and logits ({}) ≤ tokens",
+                    chunk.logits
+                )));
+            }
+            if end > self.max_position_embeddings {
+                return Err(TchError::Shape(format!(
+                    "sequence of {end} tokens exceeds max_position_embeddings {}",
+                    self.max_position_embeddings
+                )));
+            }
+            if end > chunk.blocks.len() * block_size {
+                return Err(TchError::Shape(format!(
+                    "{} cache blocks cannot hold {end} positions",
+                    chunk.blocks.len()
+                )));
+            }
+            let start = ids.len();
+            ids.extend(chunk.tokens.iter().map(|&id| id as i64));
+            positions.extend((chunk.offset..end).map(|position| position as i64));
+            write_rows.extend((chunk.offset..end).map(|position| row_of(chunk.blocks, position)));
+            logit_rows
+                .extend((start + length - chunk.logits..start + length).map(|row| row as i64));
+        }
+        let leading_decodes = chunks
+            .iter()
+            .take_while(|chunk| chunk.tokens.len() == 1)
+            .count();
+        let decode = if leading_decodes > 0 {
+            Some(self.decode_group(&chunks[..leading_decodes], &row_of)?)
+        } else {
+            None
+        };
+        let mut prefills = Vec::new();
+        let mut start = leading_decodes as i64;
+        for chunk in &chunks[leading_decodes..] {
+            prefills.push(self.prefill_chunk(chunk, start, &row_of)?);
+            start += chunk.tokens.len() as i64;
+        }
+        let device = self.device;
+        let indices = |values: &[i64]| Tensor::f_from_slice(values)?.f_to_device(device);
+        Ok(BatchLayout {
+            ids,
+            positions: indices(&positions)?,
+            write_rows: indices(&write_rows)?,
+            logit_rows: indices(&logit_rows)?,
+            decode,
+            prefills,
+        })
+    }
+
+    /// One new token per sequence: gather each one's rows, padded to the
+    /// longest, with a mask hiding the padding (and what a sliding window
+    /// hides).
+    fn decode_group(
+        &self,
+        chunks: &[ChunkInput<'_>],
+        row_of: &dyn Fn(&[u32], usize) -> i64,
+    ) -> Result<DecodeGroup, TchError> {
+        let span = chunks
+            .iter()
+            .map(|chunk| chunk.offset + 1)
+            .max()
+            .unwrap_or(1);
+        let mut gather = Vec::with_capacity(chunks.len() * span);
+        let mut visible = Vec::with_capacity(chunks.len() * span);
+        for chunk in chunks {
+            let position = chunk.offset;
+            for key in 0..span {
+                let seen = key <= position
+                    && self
+                        .sliding_window
+                        .is_none_or(|window| position - key < window);
+                visible.push(seen);
+                // Padding reads the sequence's first row; the mask hides it.
+                gather.push(row_of(chunk.blocks, if key <= position { key } else { 0 }));
+            }
+        }
+        let mask = if visible.iter().all(|&seen| seen) {
+            None
+        } else {
+            Some(self.additive_mask(&visible, &[chunks.len() as i64, 1, 1, span as i64])?)
+        };
+        Ok(DecodeGroup {
+            count: chunks.len() as i64,
+            span: span as i64,
+            gather: Tensor::f_from_slice(&gather)?.f_to_device(self.device)?,
+            mask,
+        })
+    }
+
+    /// Several new tokens of one sequence: causal attention to its cached
+    /// rows and to each other.
+    fn prefill_chunk(
+        &self,
+        chunk: &ChunkInput<'_>,
+        start: i64,
+        row_of: &dyn Fn(&[u32], usize) -> i64,
+    ) -> Result<PrefillChunk, TchError> {
+        let (offset, length) = (chunk.offset, chunk.tokens.len());
         let total = offset + length;
         let window = self.sliding_window.filter(|&window| window < total);
-        if length == 1 && window.is_none() {
-            return Ok(None);
+        if offset == 0 && window.is_none() {
+            // Nothing cached: attend to the chunk's own keys, causally.
+            return Ok(PrefillChunk {
+                start,
+                length: length as i64,
+                gather: None,
+                mask: None,
+                causal: length > 1,
+            });
         }
-        let mut allowed = Vec::with_capacity(length * total);
+        let gather: Vec<i64> = (0..total)
+            .map(|position| row_of(chunk.blocks, position))
+            .collect();
+        let mut visible = Vec::with_capacity(length * total);
         for query in 0..length {
             let position = offset + query;
             for key in 0..total {
-                let visible =
-                    key <= position && window.is_none_or(|window| position - key < window);
-                allowed.push(visible);
+                visible
+                    .push(key <= position && window.is_none_or(|window| position - key < window));
             }
         }
-        let mask = Tensor::f_from_slice(&allowed)?
-            .f_view([length as i64, total as i64])?
-            .f_to_device(self.device)?;
-        Ok(Some(mask))
+        Ok(PrefillChunk {
+            start,
+            length: length as i64,
+            gather: Some(Tensor::f_from_slice(&gather)?.f_to_device(self.device)?),
+            mask: Some(self.additive_mask(&visible, &[length as i64, total as i64])?),
+            causal: false,
+        })
     }
+
+    /// 0 where visible, −∞ where hidden, in the model's dtype.
+    fn additive_mask(&self, visible: &[bool], shape: &[i64]) -> Result<Tensor, TchError> {
+        let values: Vec<f32> = visible
+            .iter()
+            .map(|&seen| if seen { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        Tensor::f_from_slice(&values)?
+            .f_view(shape)?
+            .f_to_kind(self.kind)?
+            .f_to_device(self.device)
+    }
+}
+
+/// Every layer's keys and values, for all blocks: (blocks × block_size, K, D)
+/// per layer. Block `b` holds rows `b * block_size ..`; `kv_blocks` says
+/// which sequence owns which block.
+pub(crate) struct KvPool {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    block_size: usize,
+}
+
+/// One sequence's part of a batched forward pass.
+pub(crate) struct ChunkInput<'a> {
+    /// The tokens to run now, at positions `offset..offset + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in its cache blocks.
+    pub offset: usize,
+    /// The sequence's blocks, enough for `offset + tokens.len()` positions.
+    pub blocks: &'a [u32],
+    /// Logits are returned for this many last positions of the chunk.
+    pub logits: usize,
+}
+
+/// The index tensors of one batched pass, shared by every layer.
+struct BatchLayout {
+    ids: Vec<i64>,
+    /// (N,) positions of the new tokens, for the rotary tables.
+    positions: Tensor,
+    /// (N,) pool rows the new keys and values go to.
+    write_rows: Tensor,
+    /// Rows of the batch whose logits are wanted.
+    logit_rows: Tensor,
+    decode: Option<DecodeGroup>,
+    prefills: Vec<PrefillChunk>,
+}
+
+struct DecodeGroup {
+    /// Sequences in the group: the first `count` rows of the batch.
+    count: i64,
+    /// Key positions attended, padded to the longest sequence.
+    span: i64,
+    /// (count × span,) pool rows.
+    gather: Tensor,
+    /// (count, 1, 1, span), additive; `None` when nothing is hidden.
+    mask: Option<Tensor>,
+}
+
+struct PrefillChunk {
+    /// The chunk's first row in the batch.
+    start: i64,
+    length: i64,
+    /// Pool rows of every position up to the chunk's end; `None` when
+    /// nothing was cached before it (its own keys are used).
+    gather: Option<Tensor>,
+    /// (L, T) additive mask, with `gather`.
+    mask: Option<Tensor>,
+    causal: bool,
 }
 
 #[cfg(test)]

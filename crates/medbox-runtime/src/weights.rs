@@ -54,6 +54,8 @@ pub(crate) struct Weights {
     source: PathBuf,
     kind: Kind,
     device: tch::Device,
+    /// Linear layers are quantized to int8 at load.
+    quantize_linears: bool,
     /// The one read buffer (at most `CHUNK_BYTES`), reused by every `get` so
     /// that the allocator is not left holding freed chunks.
     buffer: RefCell<Vec<u8>>,
@@ -97,8 +99,14 @@ impl Weights {
             source,
             kind: dtype.kind(),
             device,
+            quantize_linears: dtype == DType::Int8,
             buffer: RefCell::new(Vec::new()),
         })
+    }
+
+    /// Whether linear layers are to be quantized to int8 (`DType::Int8`).
+    pub(crate) fn quantize_linears(&self) -> bool {
+        self.quantize_linears
     }
 
     pub(crate) fn contains(&self, name: &str) -> bool {

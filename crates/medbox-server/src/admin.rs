@@ -135,6 +135,7 @@ impl AdminService {
             dtype,
             device,
             max_waiting: 64,
+            batching: Default::default(),
         })
     }
 }

@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use medbox_runtime::{DType, Device};
+use medbox_runtime::{BatchingConfig, DType, Device};
 use serde::Deserialize;
 
 /// Everything `medboxd` reads at start.
@@ -223,7 +223,7 @@ pub struct ModelConfig {
     pub kind: String,
     #[serde(default)]
     pub aliases: Vec<String>,
-    /// `f32`, `bf16` or `f16`; default: the checkpoint's.
+    /// `f32`, `bf16`, `f16` or `int8` (weight-only); default: the checkpoint's.
     #[serde(default)]
     pub dtype: Option<String>,
     /// `cpu` or `cuda:N`.
@@ -232,6 +232,60 @@ pub struct ModelConfig {
     /// Requests that may wait for this model's engine before new ones are refused.
     #[serde(default = "default_max_waiting")]
     pub max_waiting: usize,
+    /// Sequences decoded together in the running batch (causal-lm).
+    #[serde(default = "default_max_running_sequences")]
+    pub max_running_sequences: usize,
+    /// Tokens one engine step may process (decodes plus prefill chunks).
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+    /// Memory for the KV cache in MiB; default: room for
+    /// `max_running_sequences` sequences of up to 2,048 tokens, at most 2 GiB.
+    #[serde(default)]
+    pub kv_cache_mib: Option<usize>,
+}
+
+fn default_max_running_sequences() -> usize {
+    BatchingConfig::default().max_running_sequences
+}
+
+fn default_max_batch_tokens() -> usize {
+    BatchingConfig::default().max_batch_tokens
+}
+
+impl ModelConfig {
+    fn batching(&self, index: usize) -> Result<BatchingConfig, ConfigError> {
+        let bad = |key: &'static str, reason: String| ConfigError::BadBatching {
+            index,
+            name: self.name.clone(),
+            key,
+            reason,
+        };
+        if self.max_running_sequences == 0 {
+            return Err(bad("max_running_sequences", "must be at least 1".into()));
+        }
+        if self.max_batch_tokens < self.max_running_sequences {
+            return Err(bad(
+                "max_batch_tokens",
+                format!(
+                    "must be at least max_running_sequences ({}), one token per running sequence",
+                    self.max_running_sequences
+                ),
+            ));
+        }
+        let kv_cache_bytes = match self.kv_cache_mib {
+            None => None,
+            Some(0) => return Err(bad("kv_cache_mib", "must be at least 1".into())),
+            Some(mib) => Some(
+                mib.checked_mul(1 << 20)
+                    .ok_or_else(|| bad("kv_cache_mib", format!("{mib} is too large")))?,
+            ),
+        };
+        Ok(BatchingConfig {
+            max_running_sequences: self.max_running_sequences,
+            max_batch_tokens: self.max_batch_tokens,
+            kv_cache_bytes,
+        })
+    }
 }
 
 fn default_kind() -> String {
@@ -272,6 +326,7 @@ pub struct ValidModelConfig {
     pub dtype: Option<DType>,
     pub device: Device,
     pub max_waiting: usize,
+    pub batching: BatchingConfig,
 }
 
 /// Why the configuration cannot be used; each message names the key or path at fault.
@@ -295,6 +350,13 @@ pub enum ConfigError {
         "server.listen is {listen}, not a loopback address, and there is no [tls]: set tls.cert and tls.key, or server.allow_plaintext = true if a proxy terminates TLS"
     )]
     PlaintextNonLoopback { listen: SocketAddr },
+    #[error("models[{index}] (`{name}`).{key} {reason}")]
+    BadBatching {
+        index: usize,
+        name: String,
+        key: &'static str,
+        reason: String,
+    },
     #[error("limits.{key} must be greater than 0")]
     ZeroLimit { key: &'static str },
     #[error("server.log_format: `{value}` is not one of text, json")]
@@ -453,6 +515,7 @@ impl Config {
             if model.max_waiting == 0 {
                 return Err(ConfigError::ZeroMaxWaiting { index, name });
             }
+            let batching = model.batching(index)?;
             valid.push(ValidModelConfig {
                 name,
                 path: model.path.clone(),
@@ -461,6 +524,7 @@ impl Config {
                 dtype,
                 device,
                 max_waiting: model.max_waiting,
+                batching,
             });
         }
         Ok(valid)

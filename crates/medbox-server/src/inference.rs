@@ -75,6 +75,7 @@ impl InferenceService {
         record: &mut RequestRecord,
     ) -> Result<Submitted, ApiError> {
         let engine = self.engine(&request.model, method, record)?;
+        refuse_constraint(request.constraint.is_some())?;
         record.prompt_text(|| request.prompt.clone());
         let valid = engine.validate(GenerateRequest {
             prompt: request.prompt,
@@ -90,6 +91,7 @@ impl InferenceService {
         record: &mut RequestRecord,
     ) -> Result<Submitted, ApiError> {
         let engine = self.engine(&request.model, method, record)?;
+        refuse_constraint(request.constraint.is_some())?;
         record.prompt_text(|| {
             let messages: Vec<_> = request
                 .messages
@@ -116,6 +118,18 @@ impl InferenceService {
             .then(|| ReasoningSplitter::new(valid.starts_in_reasoning()));
         submit(&engine, valid, splitter, record)
     }
+}
+
+/// Constrained decoding is not wired to the engine in this build: refuse
+/// rather than answer unconstrained.
+fn refuse_constraint(constrained: bool) -> Result<(), ApiError> {
+    if constrained {
+        return Err(ApiError::InvalidField {
+            field: "constraint",
+            reason: "constrained decoding is not available in this build".into(),
+        });
+    }
+    Ok(())
 }
 
 fn submit(

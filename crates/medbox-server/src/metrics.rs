@@ -24,6 +24,9 @@ pub struct Metrics {
     pub requests_in_flight: IntGaugeVec,
     pub requests_waiting: IntGaugeVec,
     pub requests_running: IntGaugeVec,
+    pub engine_steps: IntCounterVec,
+    pub prefix_cache_tokens: IntCounterVec,
+    pub preemptions: IntCounterVec,
     pub models: IntGaugeVec,
 }
 
@@ -103,6 +106,27 @@ impl Metrics {
             ),
             &["model"],
         )?;
+        let engine_steps = IntCounterVec::new(
+            Opts::new(
+                "medbox_engine_steps_total",
+                "Forward passes of a model's engine (one per batched decoding step)",
+            ),
+            &["model"],
+        )?;
+        let prefix_cache_tokens = IntCounterVec::new(
+            Opts::new(
+                "medbox_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose keys and values were reused from the prefix cache",
+            ),
+            &["model"],
+        )?;
+        let preemptions = IntCounterVec::new(
+            Opts::new(
+                "medbox_num_preemptions_total",
+                "Sequences sent back to the queue because the KV cache was full",
+            ),
+            &["model"],
+        )?;
         let models = IntGaugeVec::new(
             Opts::new(
                 "medbox_models",
@@ -120,6 +144,9 @@ impl Metrics {
             Box::new(requests_in_flight.clone()),
             Box::new(requests_waiting.clone()),
             Box::new(requests_running.clone()),
+            Box::new(engine_steps.clone()),
+            Box::new(prefix_cache_tokens.clone()),
+            Box::new(preemptions.clone()),
             Box::new(models.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
@@ -136,6 +163,9 @@ impl Metrics {
             requests_in_flight,
             requests_waiting,
             requests_running,
+            engine_steps,
+            prefix_cache_tokens,
+            preemptions,
             models,
         })
     }
@@ -147,6 +177,20 @@ impl Metrics {
             tracing::warn!(error = %err, "cannot encode metrics");
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    /// Brings `counter{model}` up to an engine's own running total. A
+    /// total below the exported one means the model was reloaded: the
+    /// series restarts, which Prometheus reads as a counter reset.
+    pub fn sync_counter(counter: &IntCounterVec, model: &str, total: u64) {
+        let series = counter.with_label_values(&[model]);
+        let exported = series.get();
+        if total < exported {
+            series.reset();
+            series.inc_by(total);
+        } else {
+            series.inc_by(total - exported);
+        }
     }
 
     /// Records one finished RPC.

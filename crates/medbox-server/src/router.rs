@@ -420,6 +420,7 @@ async fn load_one(config: ValidModelConfig) -> ModelState {
         dtype: config.dtype,
         device: config.device,
         max_waiting: config.max_waiting,
+        batching: config.batching.clone(),
     };
     tracing::info!(model = %config.name, kind = kind.as_str(), path = %config.path.display(), "loading model");
     let loaded = tokio::task::spawn_blocking(move || match kind {

@@ -221,6 +221,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                         .requests_running
                         .with_label_values(&[&view.name])
                         .set(as_gauge(load.running));
+                    Metrics::sync_counter(&metrics.engine_steps, &view.name, load.steps);
+                    Metrics::sync_counter(
+                        &metrics.prefix_cache_tokens,
+                        &view.name,
+                        load.reused_tokens,
+                    );
+                    Metrics::sync_counter(&metrics.preemptions, &view.name, load.preemptions);
                 }
             }
         };

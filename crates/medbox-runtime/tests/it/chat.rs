@@ -133,6 +133,7 @@ fn start_model(path: &Path) -> Engine {
         dtype: None,
         device: Device::Cpu,
         max_waiting: 4,
+        batching: Default::default(),
     })
     .expect("model loads")
 }

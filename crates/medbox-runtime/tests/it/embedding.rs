@@ -32,6 +32,7 @@ fn start_at(path: &Path, max_waiting: usize) -> Result<Embedder, medbox_runtime:
         dtype: None,
         device: Device::Cpu,
         max_waiting,
+        batching: Default::default(),
     })
 }
 

@@ -3,6 +3,7 @@
 //! `Engine`, and compare it with transformers (`reference.py`, run with the
 //! `python3` on PATH: source scripts/env.sh first).
 
+mod batching;
 mod embedding;
 mod parity;
 mod weights;
@@ -15,8 +16,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use medbox_runtime::{
-    DType, Device, Engine, EngineConfig, EngineError, FinishReason, GenerateRequest,
-    GenerationEvent, GenerationStream, SamplingParams, Usage, debug,
+    DType, Device, Engine, EngineConfig, FinishReason, GenerateRequest, GenerationEvent,
+    GenerationStream, SamplingParams, Usage, debug,
 };
 
 fn workspace_root() -> PathBuf {
@@ -55,6 +56,7 @@ fn start(max_waiting: usize) -> Engine {
         dtype: Some(DType::F32),
         device: Device::Cpu,
         max_waiting,
+        batching: Default::default(),
     })
     .expect("tiny model loads")
 }
@@ -359,30 +361,6 @@ fn dropping_the_stream_cancels() {
 }
 
 #[test]
-fn queue_full_is_reported() {
-    let engine = start(1);
-    let mut running = long_request(&engine);
-    first_event(&mut running);
-    let waiting = long_request(&engine);
-    let request = engine
-        .validate(GenerateRequest {
-            prompt: PROMPT.into(),
-            sampling: greedy(1),
-        })
-        .unwrap();
-    let error = engine.submit(request).unwrap_err();
-    assert_eq!(
-        error,
-        EngineError::QueueFull {
-            model: "tiny".into(),
-            max_waiting: 1
-        }
-    );
-    assert_eq!(error.kind(), "queue_full");
-    drop((running, waiting));
-}
-
-#[test]
 fn shutdown_stops_every_handle() {
     let engine = start(2);
     let other = engine.clone();
@@ -448,6 +426,7 @@ fn load_error_of(model: &Path, damage: impl FnOnce(&Path)) -> medbox_runtime::Lo
         dtype: None,
         device: Device::Cpu,
         max_waiting: 1,
+        batching: Default::default(),
     })
     .unwrap_err()
 }
@@ -517,6 +496,7 @@ fn half_precision_dtypes_generate() {
             dtype: Some(dtype),
             device: Device::Cpu,
             max_waiting: 1,
+            batching: Default::default(),
         })
         .unwrap();
         assert_eq!(engine.info().dtype, dtype);

@@ -250,6 +250,7 @@ fn measure(variant: &Variant, model: &Path, expected: &Expected) -> (f32, bool, 
         dtype: Some(DType::F32),
         device: Device::Cpu,
         max_waiting: 1,
+        batching: Default::default(),
     })
     .expect("model loads");
     let ids: Vec<u32> = engine

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use medbox_runtime::{DType, Device, Engine, EngineConfig};
+use medbox_runtime::{DType, Device, Engine, EngineConfig, debug};
 
 use super::{PROMPT, generate, greedy, tiny_model};
 
@@ -37,6 +37,7 @@ fn bf16_greedy_matches_transformers_bf16() {
         dtype: Some(DType::BF16),
         device: Device::Cpu,
         max_waiting: 1,
+        batching: Default::default(),
     })
     .expect("tiny model loads in bf16");
     assert_eq!(engine.info().dtype, DType::BF16);
@@ -44,4 +45,73 @@ fn bf16_greedy_matches_transformers_bf16() {
     let expected = reference_greedy(tiny_model(), PROMPT, COUNT, "bfloat16");
     assert_eq!(outcome.token_ids, expected, "bf16 greedy tokens");
     engine.shutdown();
+}
+
+/// Weight-only int8 (per-output-channel scales) keeps the model's answers:
+/// over 256 positions, every logit row's cosine to f32 is at least 0.999
+/// and the top token agrees at 90% of positions or more.
+#[test]
+fn int8_weights_keep_the_f32_logits() {
+    let text = "The patient was admitted with chest pain. Troponin was raised; \
+                the ECG showed ST depression. Plan: repeat the full blood count, \
+                check potassium and creatinine, start aspirin, review in clinic. "
+        .repeat(8);
+    let engine = Engine::start(EngineConfig {
+        name: "tiny".into(),
+        path: tiny_model().to_path_buf(),
+        dtype: Some(DType::F32),
+        device: Device::Cpu,
+        max_waiting: 1,
+        batching: Default::default(),
+    })
+    .unwrap();
+    let ids: Vec<u32> = engine
+        .tokenize(&text)
+        .unwrap()
+        .into_iter()
+        .map(|token| token.id)
+        .take(256)
+        .collect();
+    assert_eq!(ids.len(), 256);
+    engine.shutdown();
+    let full = debug::prompt_logits(tiny_model(), DType::F32, Device::Cpu, &ids, 256).unwrap();
+    let int8 = debug::prompt_logits(tiny_model(), DType::Int8, Device::Cpu, &ids, 256).unwrap();
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|left, right| left.1.total_cmp(right.1))
+            .map(|(index, _)| index)
+    };
+    let mut min_cosine = f64::MAX;
+    let mut agree = 0;
+    for (exact, quantized) in full.iter().zip(&int8) {
+        let dot: f64 = exact
+            .iter()
+            .zip(quantized)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let norm = |row: &[f32]| {
+            row.iter()
+                .map(|x| f64::from(*x).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        min_cosine = min_cosine.min(dot / (norm(exact) * norm(quantized)));
+        agree += usize::from(argmax(exact) == argmax(quantized));
+    }
+    eprintln!("int8 vs f32: min cosine {min_cosine:.5}, top-1 agreement {agree}/256");
+    assert!(min_cosine >= 0.999, "min cosine {min_cosine}");
+    assert!(agree * 10 >= 256 * 9, "top-1 agreement {agree}/256");
+
+    let engine = Engine::start(EngineConfig {
+        name: "tiny".into(),
+        path: tiny_model().to_path_buf(),
+        dtype: Some(DType::Int8),
+        device: Device::Cpu,
+        max_waiting: 1,
+        batching: Default::default(),
+    })
+    .unwrap();
+    assert_eq!(engine.info().dtype, DType::Int8);
+    assert_eq!(generate(&engine, PROMPT, greedy(8)).token_ids.len(), 8);
 }

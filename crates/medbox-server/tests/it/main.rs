@@ -169,6 +169,7 @@ fn greedy(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
             ..Default::default()
         }),
         request_id: String::new(),
+        constraint: None,
     }
 }
 
