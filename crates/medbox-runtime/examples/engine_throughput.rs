@@ -19,7 +19,11 @@ const NEW_TOKENS: u32 = 128;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut arguments = std::env::args().skip(1);
-    let path = PathBuf::from(arguments.next().ok_or("usage: MODEL_DIR [DTYPE] [STREAMS...]")?);
+    let path = PathBuf::from(
+        arguments
+            .next()
+            .ok_or("usage: MODEL_DIR [DTYPE] [STREAMS...]")?,
+    );
     let dtype: DType = arguments.next().as_deref().unwrap_or("f32").parse()?;
     let mut streams: Vec<usize> = arguments.map(|n| n.parse()).collect::<Result<_, _>>()?;
     if streams.is_empty() {
@@ -89,8 +93,11 @@ fn run(
         .map(|handle| handle.join().expect("collector"))
         .collect();
     let elapsed = started.elapsed().as_secs_f64();
-    let first: f64 =
-        results.iter().map(|(first, _, _)| first.as_secs_f64()).sum::<f64>() / count as f64;
+    let first: f64 = results
+        .iter()
+        .map(|(first, _, _)| first.as_secs_f64())
+        .sum::<f64>()
+        / count as f64;
     let decode: f64 = results
         .iter()
         .map(|(first, last, tokens)| (*tokens as f64 - 1.0) / (*last - *first).as_secs_f64())

@@ -19,7 +19,7 @@ use medbox_store::{KeyCheck, Store};
 use tonic::{Status, body::Body, transport::server::TcpConnectInfo};
 use tower::{Layer, Service};
 
-use crate::{limits::KeyLimiter, request_log::RequestLogger};
+use crate::{deadline::RequestId, limits::KeyLimiter, request_log::RequestLogger};
 
 /// The four scopes a key can carry.
 pub const SCOPES: [&str; 4] = ["inference", "agents", "finetune", "admin"];
@@ -300,6 +300,7 @@ where
                         path.trim_start_matches('/').to_owned(),
                         remote,
                         caller.as_ref(),
+                        request.extensions().get::<RequestId>(),
                     );
                     record.finish(status.code(), Some(denial.kind()));
                     Ok(status.into_http())

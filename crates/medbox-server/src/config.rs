@@ -8,6 +8,7 @@
 //! default.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -104,6 +105,11 @@ pub struct LimitsConfig {
     /// `grpc-timeout` is honoured when shorter).
     #[serde(default = "default_request_timeout_seconds")]
     pub request_timeout_seconds: u64,
+    /// Per-method deadlines in seconds, keyed `Service.Method` (for example
+    /// `"Inference.Embed" = 30`); others get `request_timeout_seconds`, and
+    /// quick lookups (Tokenize, ListModels, Status, keys) 30 s.
+    #[serde(default)]
+    pub method_timeout_seconds: HashMap<String, u64>,
 }
 
 impl Default for LimitsConfig {
@@ -115,6 +121,7 @@ impl Default for LimitsConfig {
             max_concurrent_requests: default_max_concurrent_requests(),
             max_request_bytes: default_max_request_bytes(),
             request_timeout_seconds: default_request_timeout_seconds(),
+            method_timeout_seconds: HashMap::new(),
         }
     }
 }
@@ -357,6 +364,8 @@ pub enum ConfigError {
         key: &'static str,
         reason: String,
     },
+    #[error("limits.method_timeout_seconds.\"{method}\" {reason}")]
+    BadMethodTimeout { method: String, reason: String },
     #[error("limits.{key} must be greater than 0")]
     ZeroLimit { key: &'static str },
     #[error("server.log_format: `{value}` is not one of text, json")]
@@ -555,6 +564,28 @@ impl Config {
         ] {
             if zero {
                 return Err(ConfigError::ZeroLimit { key });
+            }
+        }
+        for (method, seconds) in &limits.method_timeout_seconds {
+            let known = method.split_once('.').is_some_and(|(service, name)| {
+                crate::deadline::KNOWN_SERVICES.contains(&service)
+                    && !name.is_empty()
+                    && name.chars().all(|c| c.is_ascii_alphanumeric())
+            });
+            if !known {
+                return Err(ConfigError::BadMethodTimeout {
+                    method: method.clone(),
+                    reason: format!(
+                        "is not a method name such as \"Inference.Embed\" (services: {})",
+                        crate::deadline::KNOWN_SERVICES.join(", ")
+                    ),
+                });
+            }
+            if *seconds == 0 {
+                return Err(ConfigError::BadMethodTimeout {
+                    method: method.clone(),
+                    reason: "must be greater than 0".into(),
+                });
             }
         }
         self.metrics_addr()?;

@@ -304,10 +304,6 @@ fn finish_to_proto(finish: Option<(FinishReason, Usage)>) -> (String, Option<pb:
     }
 }
 
-fn non_empty(text: &str) -> Option<String> {
-    (!text.is_empty()).then(|| text.to_owned())
-}
-
 /// Answers a unary generation: the whole text, or the error, recorded either way.
 async fn answer_unary<T>(
     mut record: RequestRecord,
@@ -358,8 +354,7 @@ impl pb::inference_server::Inference for InferenceService {
             .log
             .begin_for("medbox.v1.Inference/Generate", &request);
         let request = request.into_inner();
-        let request_id = request.request_id.clone();
-        record.request_id = non_empty(&request_id);
+        let request_id = record.adopt_client_request_id(&request.request_id);
         let submitted = self.submit_generate(request, "Generate", &mut record);
         answer_unary(record, submitted, |answer, model| pb::GenerateResponse {
             text: answer.text,
@@ -384,8 +379,7 @@ impl pb::inference_server::Inference for InferenceService {
             .log
             .begin_for("medbox.v1.Inference/GenerateStream", &request);
         let request = request.into_inner();
-        let request_id = request.request_id.clone();
-        record.request_id = non_empty(&request_id);
+        let request_id = record.adopt_client_request_id(&request.request_id);
         let submitted = self.submit_generate(request, "GenerateStream", &mut record);
         answer_stream(record, submitted, move |chunk| {
             let (finish_reason, usage) = finish_to_proto(chunk.finish);
@@ -409,8 +403,7 @@ impl pb::inference_server::Inference for InferenceService {
             .log
             .begin_for("medbox.v1.Inference/Chat", &request);
         let request = request.into_inner();
-        let request_id = request.request_id.clone();
-        record.request_id = non_empty(&request_id);
+        let request_id = record.adopt_client_request_id(&request.request_id);
         let submitted = self.submit_chat(request, "Chat", &mut record);
         answer_unary(record, submitted, |answer, model| pb::ChatResponse {
             text: answer.text,
@@ -436,8 +429,7 @@ impl pb::inference_server::Inference for InferenceService {
             .log
             .begin_for("medbox.v1.Inference/ChatStream", &request);
         let request = request.into_inner();
-        let request_id = request.request_id.clone();
-        record.request_id = non_empty(&request_id);
+        let request_id = record.adopt_client_request_id(&request.request_id);
         let submitted = self.submit_chat(request, "ChatStream", &mut record);
         answer_stream(record, submitted, move |chunk| {
             let (finish_reason, usage) = finish_to_proto(chunk.finish);
@@ -462,7 +454,7 @@ impl pb::inference_server::Inference for InferenceService {
             .log
             .begin_for("medbox.v1.Inference/Embed", &request);
         let request = request.into_inner();
-        record.request_id = non_empty(&request.request_id);
+        record.adopt_client_request_id(&request.request_id);
         if request.model.is_empty() {
             return Err(fail(record, ApiError::MissingField("model")));
         }

@@ -9,6 +9,7 @@
 mod admin;
 mod auth;
 pub mod config;
+mod deadline;
 mod error;
 mod inference;
 mod limits;

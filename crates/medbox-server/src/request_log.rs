@@ -19,7 +19,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{auth::Caller, limits::KeyLimiter, metrics::Metrics};
+use crate::{auth::Caller, deadline::RequestId, limits::KeyLimiter, metrics::Metrics};
 
 const QUEUE_CAPACITY: usize = 1024;
 
@@ -85,6 +85,7 @@ impl RequestLogger {
             method.to_owned(),
             request.remote_addr(),
             request.extensions().get::<Caller>(),
+            request.extensions().get::<RequestId>(),
         )
     }
 
@@ -95,6 +96,7 @@ impl RequestLogger {
         method: String,
         client_addr: Option<SocketAddr>,
         caller: Option<&Caller>,
+        request_id: Option<&RequestId>,
     ) -> RequestRecord {
         RequestRecord {
             logger: self.clone(),
@@ -104,7 +106,7 @@ impl RequestLogger {
             method,
             client_addr,
             model: None,
-            request_id: None,
+            request_id: request_id.map(|id| id.0.clone()),
             prompt_tokens: 0,
             completion_tokens: 0,
             first_token: None,
@@ -153,6 +155,15 @@ impl Drop for RequestRecord {
 }
 
 impl RequestRecord {
+    /// The client's own `request_id` field, when it set one, replaces the
+    /// id the server gave the call. Returns the id to echo back.
+    pub fn adopt_client_request_id(&mut self, client: &str) -> String {
+        if !client.is_empty() {
+            self.request_id = Some(client.to_owned());
+        }
+        self.request_id.clone().unwrap_or_default()
+    }
+
     /// The request now waits for or runs on the engine of `self.model`.
     pub fn submitted(&mut self) {
         if let Some(model) = &self.model {

@@ -13,6 +13,7 @@ use crate::{
     admin::AdminService,
     auth::{AuthLayer, Gatekeeper},
     config::{Config, ConfigError, ValidModelConfig},
+    deadline::{DeadlineLayer, MethodDeadlines, RequestIdLayer},
     inference::InferenceService,
     limits::{AdmissionLayer, KeyLimiter, KeyLimits},
     metrics::{self, Metrics},
@@ -248,13 +249,22 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     } else if !addr.ip().is_loopback() {
         tracing::warn!(listen = %addr, "plaintext gRPC on a non-loopback address (server.allow_plaintext)");
     }
+    let deadlines = MethodDeadlines::new(
+        Duration::from_secs(limits.request_timeout_seconds),
+        &limits.method_timeout_seconds,
+    );
     let serve = builder
-        // A deadline for every RPC; a shorter grpc-timeout from the client wins.
-        // When it fires the handler is dropped, which cancels its sequence.
-        .timeout(Duration::from_secs(limits.request_timeout_seconds))
-        // Outermost: who is calling and may they (health and reflection stay
-        // open). First, so that an unauthenticated flood costs one lookup and
-        // never takes a concurrency permit; denials are audited here too.
+        // The outer cap; the DeadlineLayer below applies each method's own.
+        .timeout(deadlines.longest())
+        // First a request id, in the span of everything the call logs.
+        .layer(RequestIdLayer::new())
+        // Then the method's deadline (a sooner grpc-timeout from the client
+        // wins). When it fires the handler or the stream is dropped, which
+        // frees the sequence's place in the engine's batch.
+        .layer(DeadlineLayer::new(deadlines))
+        // Who is calling and may they (health and reflection stay open).
+        // Before admission, so that an unauthenticated flood costs one lookup
+        // and never takes a concurrency permit; denials are audited here too.
         // Per-key rates are checked here, as they need the key.
         .layer(AuthLayer::new(gatekeeper))
         // Then the box-wide concurrency limit with load shedding: over the

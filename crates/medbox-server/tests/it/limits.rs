@@ -269,3 +269,87 @@ async fn the_default_deadline_applies_when_the_client_sets_none() {
     }
     test.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_deadline_ends_a_stream_and_frees_its_batch_place() {
+    let test = start_with(
+        "",
+        "[limits]\nmethod_timeout_seconds = { \"Inference.GenerateStream\" = 1 }\n",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let mut stream = test
+        .inference()
+        .generate_stream(greedy("A long discharge summary:", 480))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => chunks += 1,
+            Ok(None) => panic!("the stream finished within its 1 s deadline ({chunks} chunks)"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("default deadline"), "{status:?}");
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
+    // The sequence leaves the engine's batch.
+    let metrics = test.server.metrics_addr().unwrap();
+    let running = |body: String| {
+        body.lines()
+            .find(|line| line.starts_with("medbox_num_requests_running{model=\"tiny\"}"))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse::<i64>().ok())
+    };
+    let mut left = false;
+    for _ in 0..40 {
+        if running(http_get(metrics, "/metrics").await) == Some(0) {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(left, "the sequence is still running after its deadline");
+    // Other methods keep the default.
+    test.inference()
+        .generate(greedy("Plan:", 4))
+        .await
+        .expect("Generate has the default deadline");
+    test.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_gets_a_request_id_and_a_client_one_is_kept() {
+    let test = crate::start("").await;
+    let answer = test
+        .inference()
+        .tokenize(pb::TokenizeRequest {
+            model: "tiny".into(),
+            text: "chest pain".into(),
+        })
+        .await
+        .unwrap();
+    let given = answer
+        .metadata()
+        .get("x-request-id")
+        .expect("an id is returned")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(!given.is_empty());
+
+    let mut request = tonic::Request::new(greedy("Plan:", 2));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "ward-7-0001".parse().unwrap());
+    let answer = test.inference().generate(request).await.unwrap();
+    assert_eq!(
+        answer.metadata().get("x-request-id").unwrap(),
+        "ward-7-0001"
+    );
+    assert_eq!(answer.into_inner().request_id, "ward-7-0001", "echoed");
+    test.server.shutdown().await.unwrap();
+}
