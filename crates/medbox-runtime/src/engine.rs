@@ -304,7 +304,11 @@ impl Engine {
         &self,
         request: ChatRequest,
     ) -> Result<ValidGenerateRequest, ValidationError> {
-        let ChatRequest { messages, sampling } = request;
+        let ChatRequest {
+            messages,
+            sampling,
+            constraint,
+        } = request;
         chat::check_messages(&messages)?;
         let template =
             self.shared
@@ -316,15 +320,19 @@ impl Engine {
         let prompt = chat::render_messages(template, &messages)?;
         let starts_in_reasoning = chat::ends_in_reasoning(&prompt);
         let tokenizer = &self.shared.tokenizer;
-        let mut valid =
-            self.shared
-                .validator
-                .validate(GenerateRequest { prompt, sampling }, |prompt| {
-                    tokenizer
-                        .encode(prompt, false)
-                        .map(|encoding| encoding.get_ids().to_vec())
-                        .map_err(|error| error.to_string())
-                })?;
+        let mut valid = self.shared.validator.validate(
+            GenerateRequest {
+                prompt,
+                sampling,
+                constraint,
+            },
+            |prompt| {
+                tokenizer
+                    .encode(prompt, false)
+                    .map(|encoding| encoding.get_ids().to_vec())
+                    .map_err(|error| error.to_string())
+            },
+        )?;
         valid.starts_in_reasoning = starts_in_reasoning;
         Ok(valid)
     }

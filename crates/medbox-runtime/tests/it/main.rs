@@ -101,6 +101,7 @@ fn generate(engine: &Engine, prompt: &str, sampling: SamplingParams) -> Outcome 
         .validate(GenerateRequest {
             prompt: prompt.into(),
             sampling,
+            constraint: None,
         })
         .expect("valid request");
     collect(engine.submit(request).expect("submitted"))
@@ -296,6 +297,7 @@ async fn async_stream_and_eos() {
                 seed: Some(1),
                 ..SamplingParams::default()
             },
+            constraint: None,
         })
         .unwrap();
     let mut stream = engine.submit(request).unwrap();
@@ -322,6 +324,7 @@ fn long_request(engine: &Engine) -> GenerationStream {
         .validate(GenerateRequest {
             prompt: PROMPT.into(),
             sampling: greedy(max_tokens),
+            constraint: None,
         })
         .unwrap();
     engine.submit(request).unwrap()
@@ -368,6 +371,7 @@ fn queue_full_is_reported() {
         .validate(GenerateRequest {
             prompt: PROMPT.into(),
             sampling: greedy(1),
+            constraint: None,
         })
         .unwrap();
     let error = engine.submit(request).unwrap_err();
@@ -391,6 +395,7 @@ fn shutdown_stops_every_handle() {
         .validate(GenerateRequest {
             prompt: PROMPT.into(),
             sampling: greedy(1),
+            constraint: None,
         })
         .unwrap();
     let error = other.submit(request).unwrap_err();
@@ -405,6 +410,7 @@ fn validation_names_the_model_and_field() {
         .validate(GenerateRequest {
             prompt: long_prompt,
             sampling: SamplingParams::default(),
+            constraint: None,
         })
         .unwrap_err();
     assert!(
@@ -420,6 +426,7 @@ fn validation_names_the_model_and_field() {
                 max_tokens: Some(10_000),
                 ..SamplingParams::default()
             },
+            constraint: None,
         })
         .unwrap_err();
     assert!(
