@@ -324,3 +324,52 @@ def test_a_thinking_model_answers_with_reasoning_text_unary_and_streamed(pb, ser
     # The tiny model never closes its thinking, so no answer text follows.
     assert unary.text == ""
     admin.UnloadModel(pb.admin_pb2.UnloadModelRequest(name="thinker"), timeout=60)
+
+
+LAB_SCHEMA = (
+    '{"type": "object", "properties": {'
+    '"flag": {"enum": ["low", "normal", "high"]}, '
+    '"value": {"type": "integer", "minimum": 0, "maximum": 999}, '
+    '"note": {"type": "string", "maxLength": 12}}, '
+    '"required": ["flag", "value", "note"], "additionalProperties": false}'
+)
+
+
+def test_a_json_schema_constraint_shapes_the_answer(pb, server):
+    import json
+
+    stub = inference(pb, server)
+    for seed in range(3):
+        reply = stub.Generate(
+            pb.inference_pb2.GenerateRequest(
+                model="tiny",
+                prompt="Potassium 6.1 mmol/L. As JSON:",
+                sampling=pb.inference_pb2.SamplingParams(max_tokens=120, temperature=1.0, seed=seed),
+                json_schema=LAB_SCHEMA,
+            ),
+            timeout=60,
+        )
+        answer = json.loads(reply.text)
+        assert set(answer) == {"flag", "value", "note"}, reply.text
+        assert answer["flag"] in ("low", "normal", "high")
+        assert 0 <= answer["value"] <= 999
+        assert reply.finish_reason == "stop"
+    regex = stub.Generate(
+        pb.inference_pb2.GenerateRequest(
+            model="tiny", prompt="ICD-10 code:", sampling=greedy(pb, 20), regex=r"[A-Z]\d{2}\.\d"
+        ),
+        timeout=60,
+    )
+    assert len(regex.text) == 5 and regex.text[3] == ".", regex.text
+
+
+def test_an_invalid_constraint_is_refused_not_ignored(pb, server):
+    with pytest.raises(grpc.RpcError) as refused:
+        inference(pb, server).Generate(
+            pb.inference_pb2.GenerateRequest(
+                model="tiny", prompt="Plan:", sampling=greedy(pb, 8), json_schema='{"type": "no-such-type"}'
+            ),
+            timeout=60,
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "json_schema" in refused.value.details()

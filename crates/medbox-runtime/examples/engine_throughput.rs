@@ -70,6 +70,7 @@ fn run(
                 ignore_eos: true,
                 ..SamplingParams::default()
             },
+            constraint: None,
         })?;
         let mut stream = engine.submit(request)?;
         handles.push(std::thread::spawn(move || {

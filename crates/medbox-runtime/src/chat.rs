@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
 
+use crate::constraint::Constraint;
 use crate::error::{LoadError, ValidationError};
 use crate::validation::SamplingParams;
 
@@ -35,6 +36,8 @@ pub struct ChatMessage {
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub sampling: SamplingParams,
+    /// What the answer (after any reasoning) must match; `None`: free text.
+    pub constraint: Option<Constraint>,
 }
 
 /// The roles a message may have.

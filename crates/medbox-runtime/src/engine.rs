@@ -22,7 +22,10 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{debug, info, instrument, warn};
 
+use llguidance::toktrie::SimpleVob;
+
 use crate::chat::{self, ChatRequest, ChatTemplate};
+use crate::constraint::ConstraintState;
 use crate::detokenize::IncrementalDecoder;
 use crate::error::{EngineError, LoadError, RuntimeError, ValidationError};
 use crate::kv_blocks::{BlockAllocator, BlockTable};
@@ -376,7 +379,11 @@ impl Engine {
         &self,
         request: ChatRequest,
     ) -> Result<ValidGenerateRequest, ValidationError> {
-        let ChatRequest { messages, sampling } = request;
+        let ChatRequest {
+            messages,
+            sampling,
+            constraint,
+        } = request;
         chat::check_messages(&messages)?;
         let template =
             self.shared
@@ -388,16 +395,21 @@ impl Engine {
         let prompt = chat::render_messages(template, &messages)?;
         let starts_in_reasoning = chat::ends_in_reasoning(&prompt);
         let tokenizer = &self.shared.tokenizer;
-        let mut valid =
-            self.shared
-                .validator
-                .validate(GenerateRequest { prompt, sampling }, |prompt| {
-                    tokenizer
-                        .encode(prompt, false)
-                        .map(|encoding| encoding.get_ids().to_vec())
-                        .map_err(|error| error.to_string())
-                })?;
+        let mut valid = self.shared.validator.validate(
+            GenerateRequest {
+                prompt,
+                sampling,
+                constraint,
+            },
+            |prompt| {
+                tokenizer
+                    .encode(prompt, false)
+                    .map(|encoding| encoding.get_ids().to_vec())
+                    .map_err(|error| error.to_string())
+            },
+        )?;
         valid.starts_in_reasoning = starts_in_reasoning;
+        valid.may_open_reasoning = self.shared.thinks;
         Ok(valid)
     }
 
@@ -524,19 +536,33 @@ struct Sequence {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
+    /// The request's constraint, advanced with every sampled token.
+    constraint: Option<ConstraintState>,
     submitted: Instant,
     /// Prompt tokens found in the prefix cache at the last admission.
     reused: usize,
 }
 
 impl Sequence {
-    fn new(submission: Submission) -> Self {
+    /// Fails (with the events sender back) when the constraint cannot start.
+    fn new(submission: Submission) -> Result<Self, (mpsc::Sender<GenerationEvent>, String)> {
         let Submission {
             id,
             request,
             events,
         } = submission;
-        Sequence {
+        let constraint = match &request.constraint {
+            Some(compiled) => match ConstraintState::new(
+                compiled,
+                request.starts_in_reasoning,
+                request.may_open_reasoning,
+            ) {
+                Ok(state) => Some(state),
+                Err(error) => return Err((events, error)),
+            },
+            None => None,
+        };
+        Ok(Sequence {
             id,
             events,
             tokens: request.prompt_tokens.clone(),
@@ -547,10 +573,11 @@ impl Sequence {
             sampler: Sampler::new(request.sampling.clone()),
             decoder: IncrementalDecoder::new(&request.prompt_tokens),
             stop: StopMatcher::new(request.stop.clone()),
+            constraint,
             submitted: Instant::now(),
             reused: 0,
             request,
-        }
+        })
     }
 
     /// Tokens still to feed before the next token can be sampled.
@@ -563,6 +590,10 @@ enum StepResult {
     Continue,
     Done,
 }
+
+/// What a forward pass reads of one sequence: its tokens, how many are
+/// cached, its blocks.
+type FeedView<'a> = (&'a [u32], usize, &'a [u32]);
 
 /// One sequence's share of a step: feed `count` tokens from `computed`.
 struct Planned {
@@ -628,7 +659,15 @@ impl Worker {
     fn take(&mut self, command: Command) {
         match command {
             Command::Generate(submission) => {
-                let sequence = Sequence::new(*submission);
+                let sequence = match Sequence::new(*submission) {
+                    Ok(sequence) => sequence,
+                    Err((events, error)) => {
+                        warn!(%error, "constraint could not start");
+                        let _ = events.try_send(GenerationEvent::Failed(EngineError::Model(error)));
+                        self.load.leave(true);
+                        return;
+                    }
+                };
                 debug!(
                     sequence = sequence.id,
                     prompt_tokens = sequence.tokens.len(),
@@ -767,34 +806,67 @@ impl Worker {
         if plan.is_empty() {
             return;
         }
+        // Split each running sequence into what the forward pass reads
+        // (tokens, blocks) and its constraint, whose next mask depends only
+        // on committed tokens: it is computed on a second thread meanwhile.
+        let mut inputs: Vec<FeedView<'_>> = Vec::new();
+        let mut constraints: Vec<Option<&mut ConstraintState>> = Vec::new();
+        for sequence in self.running.iter_mut() {
+            inputs.push((&sequence.tokens, sequence.computed, &sequence.blocks.blocks));
+            constraints.push(sequence.constraint.as_mut());
+        }
         let chunks: Vec<ChunkInput<'_>> = plan
             .iter()
             .map(|planned| {
-                let sequence = &self.running[planned.index];
+                let (tokens, computed, blocks) = inputs[planned.index];
                 ChunkInput {
-                    tokens: &sequence.tokens[sequence.computed..sequence.computed + planned.count],
-                    offset: sequence.computed,
-                    blocks: &sequence.blocks.blocks,
+                    tokens: &tokens[computed..computed + planned.count],
+                    offset: computed,
+                    blocks,
                     logits: usize::from(planned.samples),
                 }
             })
             .collect();
-        let logits = self
-            .model
-            .forward_batch(&chunks, &mut self.pool)
-            .and_then(|logits| {
+        let mut masked: Vec<(usize, &mut ConstraintState)> = Vec::new();
+        for planned in plan.iter().filter(|planned| planned.samples) {
+            if let Some(state) = constraints[planned.index].take() {
+                masked.push((planned.index, state));
+            }
+        }
+        let (model, pool) = (&self.model, &mut self.pool);
+        let (logits, masks) = std::thread::scope(|scope| {
+            let masker = (!masked.is_empty()).then(|| {
+                scope.spawn(move || {
+                    masked
+                        .into_iter()
+                        .map(|(index, state)| (index, state.next_mask()))
+                        .collect::<Vec<(usize, Result<SimpleVob, String>)>>()
+                })
+            });
+            let logits = model.forward_batch(&chunks, pool).and_then(|logits| {
                 let rows = logits.size()[0];
                 Vec::<f32>::try_from(&logits.f_view([-1])?).map(|flat| (flat, rows))
             });
+            let masks = masker.map(|masker| masker.join()).transpose();
+            (logits, masks)
+        });
         drop(chunks);
+        drop(inputs);
         self.load.steps.fetch_add(1, Ordering::Relaxed);
+        let mut masks: Vec<(usize, Result<SimpleVob, String>)> = match masks {
+            Ok(masks) => masks.unwrap_or_default(),
+            Err(_) => plan
+                .iter()
+                .map(|planned| (planned.index, Err("constraint mask panicked".to_owned())))
+                .collect(),
+        };
         let (logits, rows) = match logits {
             Ok(logits) => logits,
             Err(error) => {
                 warn!(%error, sequences = plan.len(), "forward failed");
                 let failed: Vec<usize> = plan.iter().map(|planned| planned.index).collect();
-                self.finish_indices(&failed, |worker, sequence| {
-                    worker.fail(sequence, error.to_string());
+                self.finish_indices(&failed, |_, sequence| {
+                    fail_sequence(sequence, error.to_string());
                 });
                 return;
             }
@@ -819,11 +891,26 @@ impl Worker {
             }
             let mut scores = logits[row * vocab..(row + 1) * vocab].to_vec();
             row += 1;
-            let sequence = &mut self.running[planned.index];
-            if let StepResult::Done = advance(&self.info, &self.tokenizer, sequence, &mut scores) {
+            let mask = masks
+                .iter()
+                .position(|(index, _)| *index == planned.index)
+                .map(|at| masks.swap_remove(at).1);
+            let result = match mask {
+                Some(Ok(mask)) => advance(
+                    &self.info,
+                    &self.tokenizer,
+                    sequence,
+                    &mut scores,
+                    Some(&mask),
+                ),
+                Some(Err(error)) => fail_sequence(sequence, error),
+                None => advance(&self.info, &self.tokenizer, sequence, &mut scores, None),
+            };
+            if let StepResult::Done = result {
                 done.push(planned.index);
             }
         }
+        done.sort_unstable();
         self.finish_indices(&done, |_, _| {});
     }
 
@@ -841,11 +928,6 @@ impl Worker {
         self.blocks.release(&mut sequence.blocks);
         self.load.leave(waiting);
     }
-
-    fn fail(&self, sequence: &Sequence, error: String) {
-        warn!(sequence = sequence.id, %error, "sequence failed");
-        send(sequence, GenerationEvent::Failed(EngineError::Model(error)));
-    }
 }
 
 /// Samples the next token of `sequence` from its logits and sends what it
@@ -855,13 +937,28 @@ fn advance(
     tokenizer: &tokenizers::Tokenizer,
     sequence: &mut Sequence,
     logits: &mut [f32],
+    mask: Option<&SimpleVob>,
 ) -> StepResult {
+    if let (Some(mask), Some(state)) = (mask, sequence.constraint.as_ref())
+        && let Err(error) = state.apply(mask, logits)
+    {
+        return fail_sequence(sequence, error);
+    }
     let token = sequence.sampler.sample(logits, &sequence.tokens);
     sequence.tokens.push(token);
     sequence.completion_tokens += 1;
     sequence.unsent_ids.push(token);
 
-    if !sequence.request.ignore_eos && info.eos_token_ids.contains(&token) {
+    let mut constraint_done = false;
+    if let Some(state) = sequence.constraint.as_mut() {
+        if let Err(error) = state.commit(token) {
+            return fail_sequence(sequence, error);
+        }
+        constraint_done = state.is_finished();
+    }
+    let is_eos = info.eos_token_ids.contains(&token);
+    // A constrained answer ends at its end token even with ignore_eos.
+    if is_eos && (!sequence.request.ignore_eos || sequence.constraint.is_some()) {
         return finish(tokenizer, sequence, FinishReason::Stop, true);
     }
     let piece = match sequence.decoder.push(tokenizer, token) {
@@ -877,6 +974,9 @@ fn advance(
     }
     if !outcome.release.is_empty() && !send_delta(sequence, outcome.release) {
         return StepResult::Done;
+    }
+    if constraint_done {
+        return finish(tokenizer, sequence, FinishReason::Stop, true);
     }
     let at_max_tokens = sequence.completion_tokens >= sequence.request.max_tokens;
     let at_context_end = sequence.tokens.len() >= info.max_context;

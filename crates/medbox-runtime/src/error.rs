@@ -174,6 +174,15 @@ pub enum ValidationError {
     NoChatTemplate { model: String },
     #[error("messages could not be rendered with the chat template: {0}")]
     ChatTemplate(String),
+    /// `field` is `json_schema`, `regex` or `grammar`.
+    #[error("constraint.{field} was rejected: {reason}")]
+    Constraint { field: &'static str, reason: String },
+    #[error("constraint.{field} must be at most {max} bytes (got {got})")]
+    ConstraintTooLong {
+        field: &'static str,
+        max: usize,
+        got: usize,
+    },
 }
 
 impl ValidationError {
@@ -198,6 +207,8 @@ impl ValidationError {
             ValidationError::MessageRole { .. } => "message_role",
             ValidationError::NoChatTemplate { .. } => "no_chat_template",
             ValidationError::ChatTemplate(_) => "chat_template",
+            ValidationError::Constraint { .. } => "constraint",
+            ValidationError::ConstraintTooLong { .. } => "constraint_too_long",
         }
     }
 }

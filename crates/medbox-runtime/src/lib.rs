@@ -50,6 +50,7 @@
 mod bert;
 mod chat;
 mod config;
+mod constraint;
 mod detokenize;
 mod embedding;
 mod engine;
@@ -68,6 +69,7 @@ use std::path::PathBuf;
 
 pub use chat::{ChatMessage, ChatRequest};
 pub use config::{Architecture, DType, Device};
+pub use constraint::Constraint;
 pub use embedding::{EmbedError, Embedder, EmbeddingInfo, MAX_EMBED_TEXTS};
 pub use engine::{
     Engine, EngineLoadSnapshot, FinishReason, GenerationEvent, GenerationStream, MAX_WAITING_LIMIT,

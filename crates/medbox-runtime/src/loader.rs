@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::ModelInfo;
 use crate::chat::ChatTemplate;
 use crate::config::{DType, Device, GenerationConfig, ModelConfig, ModelFiles, TokenizerConfig};
+use crate::constraint::ConstraintCompiler;
 use crate::error::LoadError;
 use crate::model::Model;
 use crate::validation::Validator;
@@ -128,14 +129,25 @@ pub(crate) fn load(
         device,
         eos_token_ids: metadata.eos_token_ids.clone(),
     };
+    let tokenizer = Arc::new(metadata.tokenizer);
+    let constraints = ConstraintCompiler::new(
+        Arc::clone(&tokenizer),
+        settings.vocab_size,
+        &metadata.eos_token_ids,
+    )
+    .map(Arc::new);
+    if let Err(reason) = &constraints {
+        tracing::warn!(model = name, %reason, "constrained decoding is not available");
+    }
     let validator = Validator {
         model_name: name.to_string(),
         max_context: settings.max_position_embeddings,
         defaults: metadata.generation,
+        constraints,
     };
     Ok(LoadedModel {
         model,
-        tokenizer: Arc::new(metadata.tokenizer),
+        tokenizer,
         info,
         validator,
         chat_template,

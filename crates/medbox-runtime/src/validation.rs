@@ -2,9 +2,14 @@
 //! `ValidGenerateRequest` is the only thing an engine accepts, and only
 //! `validate` makes one: the prompt is tokenized and fits the context, every
 //! sampling field is in range, and unset fields carry the model's defaults
-//! (`generation_config.json`, else temperature 1, top_p 1).
+//! (`generation_config.json`, else temperature 1, top_p 1). A constraint is
+//! compiled here too, so that a bad schema, regex or grammar is refused
+//! before the request is queued.
+
+use std::sync::Arc;
 
 use crate::config::GenerationConfig;
+use crate::constraint::{CompiledConstraint, Constraint, ConstraintCompiler};
 use crate::error::ValidationError;
 use crate::sampling::ResolvedSampling;
 
@@ -13,6 +18,8 @@ use crate::sampling::ResolvedSampling;
 pub struct GenerateRequest {
     pub prompt: String,
     pub sampling: SamplingParams,
+    /// What the answer must match; `None`: free text.
+    pub constraint: Option<Constraint>,
 }
 
 /// Sampling fields; `None` means "the model's default".
@@ -41,6 +48,10 @@ pub struct ValidGenerateRequest {
     pub(crate) ignore_eos: bool,
     /// The prompt ends inside an open `<think>` (chat only).
     pub(crate) starts_in_reasoning: bool,
+    /// The answer may open `<think>` (chat with a thinking model).
+    pub(crate) may_open_reasoning: bool,
+    /// The request's constraint, compiled for this model.
+    pub(crate) constraint: Option<CompiledConstraint>,
 }
 
 impl ValidGenerateRequest {
@@ -66,6 +77,12 @@ impl ValidGenerateRequest {
     pub fn starts_in_reasoning(&self) -> bool {
         self.starts_in_reasoning
     }
+
+    /// The kind of the request's constraint (`json_schema`, `regex` or
+    /// `grammar`), if it has one.
+    pub fn constraint_kind(&self) -> Option<&'static str> {
+        self.constraint.as_ref().map(CompiledConstraint::kind)
+    }
 }
 
 pub(crate) const MAX_STOP_STRINGS: usize = 16;
@@ -77,6 +94,8 @@ pub(crate) struct Validator {
     pub model_name: String,
     pub max_context: usize,
     pub defaults: GenerationConfig,
+    /// Compiles constraints for this model; `Err` says why it cannot.
+    pub constraints: Result<Arc<ConstraintCompiler>, String>,
 }
 
 impl Validator {
@@ -85,7 +104,11 @@ impl Validator {
         request: GenerateRequest,
         tokenize: impl FnOnce(&str) -> Result<Vec<u32>, String>,
     ) -> Result<ValidGenerateRequest, ValidationError> {
-        let GenerateRequest { prompt, sampling } = request;
+        let GenerateRequest {
+            prompt,
+            sampling,
+            constraint,
+        } = request;
         if prompt.is_empty() {
             return Err(ValidationError::EmptyPrompt);
         }
@@ -118,6 +141,10 @@ impl Validator {
                 .max_new_tokens
                 .map_or(room, |default| default.clamp(1, room)),
         };
+        // Last: compiling is the costly check.
+        let constraint = constraint
+            .map(|constraint| self.compile(&constraint))
+            .transpose()?;
         Ok(ValidGenerateRequest {
             prompt_tokens,
             max_tokens,
@@ -125,7 +152,22 @@ impl Validator {
             stop: sampling.stop,
             ignore_eos: sampling.ignore_eos,
             starts_in_reasoning: false,
+            may_open_reasoning: false,
+            constraint,
         })
+    }
+
+    fn compile(&self, constraint: &Constraint) -> Result<CompiledConstraint, ValidationError> {
+        match &self.constraints {
+            Ok(compiler) => compiler.compile(constraint),
+            Err(why) => Err(ValidationError::Constraint {
+                field: constraint.field(),
+                reason: format!(
+                    "model `{}` cannot constrain its output: {why}",
+                    self.model_name
+                ),
+            }),
+        }
     }
 
     fn resolve_sampling(
@@ -199,6 +241,7 @@ mod tests {
             model_name: "tiny".into(),
             max_context: 10,
             defaults,
+            constraints: Err("no tokenizer in this test".into()),
         }
     }
 
@@ -211,6 +254,7 @@ mod tests {
         let request = GenerateRequest {
             prompt: prompt.into(),
             sampling,
+            constraint: None,
         };
         let error = validator(GenerationConfig::default())
             .validate(request, by_chars)
@@ -298,6 +342,7 @@ mod tests {
         let request = |sampling| GenerateRequest {
             prompt: "abc".into(),
             sampling,
+            constraint: None,
         };
         let plain = validator(GenerationConfig::default())
             .validate(request(SamplingParams::default()), by_chars)

@@ -6,8 +6,8 @@
 
 use medbox_proto::v1 as pb;
 use medbox_runtime::{
-    ChatMessage, ChatRequest, EmbedError, Engine, FinishReason, GenerateRequest, GenerationEvent,
-    GenerationStream, ReasoningDelta, ReasoningSplitter, SamplingParams, Usage,
+    ChatMessage, ChatRequest, Constraint, EmbedError, Engine, FinishReason, GenerateRequest,
+    GenerationEvent, GenerationStream, ReasoningDelta, ReasoningSplitter, SamplingParams, Usage,
     ValidGenerateRequest,
 };
 use tokio::sync::mpsc;
@@ -75,11 +75,11 @@ impl InferenceService {
         record: &mut RequestRecord,
     ) -> Result<Submitted, ApiError> {
         let engine = self.engine(&request.model, method, record)?;
-        refuse_constraint(request.constraint.is_some())?;
         record.prompt_text(|| request.prompt.clone());
         let valid = engine.validate(GenerateRequest {
             prompt: request.prompt,
             sampling: sampling_from_proto(request.sampling.unwrap_or_default()),
+            constraint: request.constraint.map(generate_constraint),
         })?;
         submit(&engine, valid, None, record)
     }
@@ -91,7 +91,6 @@ impl InferenceService {
         record: &mut RequestRecord,
     ) -> Result<Submitted, ApiError> {
         let engine = self.engine(&request.model, method, record)?;
-        refuse_constraint(request.constraint.is_some())?;
         record.prompt_text(|| {
             let messages: Vec<_> = request
                 .messages
@@ -112,6 +111,7 @@ impl InferenceService {
                 })
                 .collect(),
             sampling: sampling_from_proto(request.sampling.unwrap_or_default()),
+            constraint: request.constraint.map(chat_constraint),
         })?;
         let splitter = engine
             .thinks()
@@ -120,16 +120,22 @@ impl InferenceService {
     }
 }
 
-/// Constrained decoding is not wired to the engine in this build: refuse
-/// rather than answer unconstrained.
-fn refuse_constraint(constrained: bool) -> Result<(), ApiError> {
-    if constrained {
-        return Err(ApiError::InvalidField {
-            field: "constraint",
-            reason: "constrained decoding is not available in this build".into(),
-        });
+fn generate_constraint(constraint: pb::generate_request::Constraint) -> Constraint {
+    use pb::generate_request::Constraint as Proto;
+    match constraint {
+        Proto::JsonSchema(schema) => Constraint::JsonSchema(schema),
+        Proto::Regex(regex) => Constraint::Regex(regex),
+        Proto::Grammar(grammar) => Constraint::Grammar(grammar),
     }
-    Ok(())
+}
+
+fn chat_constraint(constraint: pb::chat_request::Constraint) -> Constraint {
+    use pb::chat_request::Constraint as Proto;
+    match constraint {
+        Proto::JsonSchema(schema) => Constraint::JsonSchema(schema),
+        Proto::Regex(regex) => Constraint::Regex(regex),
+        Proto::Grammar(grammar) => Constraint::Grammar(grammar),
+    }
 }
 
 fn submit(

@@ -30,6 +30,7 @@ fn submit(engine: &Engine, prompt: &str, sampling: SamplingParams) -> Generation
         .validate(GenerateRequest {
             prompt: prompt.into(),
             sampling,
+            constraint: None,
         })
         .expect("valid request");
     engine.submit(request).expect("submitted")
@@ -199,6 +200,7 @@ fn a_full_queue_is_refused_and_named() {
         .validate(GenerateRequest {
             prompt: "Plan:".into(),
             sampling: greedy(1),
+            constraint: None,
         })
         .unwrap();
     let error = engine.submit(request).unwrap_err();

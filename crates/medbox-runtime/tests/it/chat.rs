@@ -178,7 +178,11 @@ fn reference_chat(model: &Path, conversations: &[Vec<ChatMessage>]) -> Vec<(Stri
 }
 
 fn chat_request(messages: Vec<ChatMessage>, sampling: SamplingParams) -> ChatRequest {
-    ChatRequest { messages, sampling }
+    ChatRequest {
+        messages,
+        sampling,
+        constraint: None,
+    }
 }
 
 fn check_parity(model: &Path, expect_starts_in_reasoning: bool) {

@@ -4,6 +4,7 @@
 //! `python3` on PATH: source scripts/env.sh first).
 
 mod batching;
+mod constraints;
 mod embedding;
 mod parity;
 mod weights;
@@ -103,6 +104,7 @@ fn generate(engine: &Engine, prompt: &str, sampling: SamplingParams) -> Outcome 
         .validate(GenerateRequest {
             prompt: prompt.into(),
             sampling,
+            constraint: None,
         })
         .expect("valid request");
     collect(engine.submit(request).expect("submitted"))
@@ -298,6 +300,7 @@ async fn async_stream_and_eos() {
                 seed: Some(1),
                 ..SamplingParams::default()
             },
+            constraint: None,
         })
         .unwrap();
     let mut stream = engine.submit(request).unwrap();
@@ -324,6 +327,7 @@ fn long_request(engine: &Engine) -> GenerationStream {
         .validate(GenerateRequest {
             prompt: PROMPT.into(),
             sampling: greedy(max_tokens),
+            constraint: None,
         })
         .unwrap();
     engine.submit(request).unwrap()
@@ -369,6 +373,7 @@ fn shutdown_stops_every_handle() {
         .validate(GenerateRequest {
             prompt: PROMPT.into(),
             sampling: greedy(1),
+            constraint: None,
         })
         .unwrap();
     let error = other.submit(request).unwrap_err();
@@ -383,6 +388,7 @@ fn validation_names_the_model_and_field() {
         .validate(GenerateRequest {
             prompt: long_prompt,
             sampling: SamplingParams::default(),
+            constraint: None,
         })
         .unwrap_err();
     assert!(
@@ -398,6 +404,7 @@ fn validation_names_the_model_and_field() {
                 max_tokens: Some(10_000),
                 ..SamplingParams::default()
             },
+            constraint: None,
         })
         .unwrap_err();
     assert!(
