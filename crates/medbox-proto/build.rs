@@ -6,7 +6,11 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["medbox/v1/inference.proto", "medbox/v1/admin.proto"];
+    let files = [
+        "medbox/v1/inference.proto",
+        "medbox/v1/admin.proto",
+        "medbox/v1/finetuning.proto",
+    ];
     // Each file and the folder (a new file), so that every build sees an edit.
     println!(
         "cargo:rerun-if-changed={}",
