@@ -9,8 +9,11 @@
 mod admin;
 mod auth;
 pub mod config;
+mod datasets;
 mod error;
+mod finetuning;
 mod inference;
+mod jobs;
 mod limits;
 mod metrics;
 mod request_log;

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub requests_waiting: IntGaugeVec,
     pub requests_running: IntGaugeVec,
     pub models: IntGaugeVec,
+    pub jobs: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -110,6 +111,13 @@ impl Metrics {
             ),
             &["state"],
         )?;
+        let jobs = IntGaugeVec::new(
+            Opts::new(
+                "medbox_jobs",
+                "Fine-tuning jobs, by state (queued, running, succeeded, failed, cancelled)",
+            ),
+            &["state"],
+        )?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -121,6 +129,7 @@ impl Metrics {
             Box::new(requests_waiting.clone()),
             Box::new(requests_running.clone()),
             Box::new(models.clone()),
+            Box::new(jobs.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(collector)?;
@@ -137,6 +146,7 @@ impl Metrics {
             requests_waiting,
             requests_running,
             models,
+            jobs,
         })
     }
 
