@@ -49,7 +49,7 @@ use medbox_store::{
     ModelVersionRecord, NewJob, NewModel, NewModelVersion, Store, StoreError,
 };
 use nix::{
-    sys::signal::{Signal, killpg},
+    sys::signal::{Signal, kill, killpg},
     unistd::Pid,
 };
 use tokio::{
@@ -349,12 +349,16 @@ impl Actor {
             }
         }
         self.fill();
+        let mut handles_left = true;
         loop {
             tokio::select! {
-                command = commands.recv() => match command {
+                command = commands.recv(), if handles_left => match command {
                     Some(command) => self.handle(command).await,
-                    // Every handle is gone: stop as for a shutdown.
-                    None => self.begin_shutdown(None),
+                    None => {
+                        // Every handle is gone: stop as for a shutdown.
+                        handles_left = false;
+                        self.begin_shutdown(None);
+                    }
                 },
                 Some(id) = finished.recv() => self.supervisor_done(id).await,
             }
@@ -812,13 +816,19 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Sends `signal` to the trainer's process group; returns when a follow-up is due.
+/// Sends `signal` to the trainer's process group (to the process alone when
+/// it leads no group); returns when a follow-up is due.
 fn signal_group(pid: Option<i32>, signal: Signal, grace: Duration) -> tokio::time::Instant {
-    if let Some(pid) = pid
-        && let Err(error) = killpg(Pid::from_raw(pid), signal)
-        && error != nix::errno::Errno::ESRCH
-    {
-        tracing::warn!(%error, ?signal, "cannot signal the trainer's process group");
+    if let Some(pid) = pid {
+        let result = match killpg(Pid::from_raw(pid), signal) {
+            Err(nix::errno::Errno::ESRCH) => kill(Pid::from_raw(pid), signal),
+            other => other,
+        };
+        if let Err(error) = result
+            && error != nix::errno::Errno::ESRCH
+        {
+            tracing::warn!(%error, ?signal, "cannot signal the trainer");
+        }
     }
     tokio::time::Instant::now() + grace
 }

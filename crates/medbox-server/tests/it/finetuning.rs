@@ -738,11 +738,30 @@ async fn a_restarted_medboxd_resumes_running_jobs_from_their_checkpoints() {
         }
     };
     drop(stream);
+    let job_dir = before.data_dir.join("jobs").join(&job.id);
     before.server.shutdown().await.unwrap();
+    // As if an earlier medboxd had died without stopping its trainer: one
+    // still runs for the job, named in trainer.pid. It must be stopped before
+    // the job starts again, so that two never share the checkpoints.
+    let orphan_log = sandbox.dir.path().join("orphan.log");
+    let mut orphan = std::process::Command::new(&sandbox.trainer);
+    std::os::unix::process::CommandExt::process_group(&mut orphan, 0);
+    let mut orphan = orphan
+        .arg("--job-dir")
+        .arg(&job_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&orphan_log).unwrap())
+        .spawn()
+        .unwrap();
+    std::fs::write(job_dir.join("trainer.pid"), format!("{}\n", orphan.id())).unwrap();
 
     // Jobs keep their places: the interrupted one is still running, the other queued.
     let after = sandbox.start("").await;
     let resumed = after.wait_for(&job.id, "succeeded").await;
+    eprintln!(
+        "{}",
+        std::fs::read_to_string(job_dir.join("trainer.log")).unwrap()
+    );
     assert_eq!(resumed.attempts, 2);
     let events = after.watch_to_end(&job.id).await;
     assert_eq!(
@@ -777,6 +796,10 @@ async fn a_restarted_medboxd_resumes_running_jobs_from_their_checkpoints() {
         log.contains(&format!("(slow) from step {}", first - 1)),
         "{log}"
     );
+    let orphan_status = orphan.wait().unwrap();
+    assert_eq!(orphan_status.code(), Some(143), "the orphan got SIGTERM");
+    let orphan_said = std::fs::read_to_string(&orphan_log).unwrap();
+    assert!(orphan_said.contains("SIGTERM, stopping"), "{orphan_said}");
     let waited = after.wait_for(&waiting.id, "succeeded").await;
     assert!(
         waited.started_at >= resumed.finished_at,
