@@ -1,8 +1,8 @@
 //! FineTuning in-process: dataset uploads, the inference-only refusal, and
 //! the job runner driving a TEST DOUBLE of `medbox-trainer`.
 //!
-//! The double (`fake-trainer`, a shell script this file writes into a
-//! temporary folder) speaks the real process protocol: it reads `job.json`,
+//! The double (`tests/test-doubles/fake-trainer`, a shell script each test
+//! copies into its temporary folder) speaks the real process protocol: it reads `job.json`,
 //! resumes from the newest `checkpoints/step-N`, prints event lines, writes
 //! an adapter folder on success, and stops on SIGTERM. It trains nothing. What
 //! it does is chosen by the job's output name: `ok…` succeeds, `slow…` takes
@@ -20,60 +20,8 @@ use tonic::{Code, transport::Channel};
 
 use crate::{Authed, Bearer, config_text, http_get, load_config};
 
-/// The test double of `medbox-trainer`.
-const FAKE_TRAINER: &str = r#"#!/usr/bin/env bash
-# fake-trainer: a TEST DOUBLE of medbox-trainer (see tests/it/finetuning.rs).
-set -u
-job_dir="$2"
-spec="$job_dir/job.json"
-field() { sed -n "s/^ *\"$1\": *\"\([^\"]*\)\".*/\1/p" "$spec" | head -n 1; }
-name=$(field output_name)
-checkpoints=$(field checkpoints_dir)
-output=$(field output_dir)
-case "$name" in
-  slow*) mode=slow; total=20; delay=0.3 ;;
-  stubborn*) mode=stubborn; total=1000; delay=0.2 ;;
-  crash*) mode=crash; total=6; delay=0.05 ;;
-  fail*) mode=fail; total=6; delay=0.05 ;;
-  *) mode=ok; total=6; delay=0.05 ;;
-esac
-if [ "$mode" = stubborn ]; then
-  trap 'echo "fake-trainer: SIGTERM ignored" >&2' TERM
-else
-  trap 'echo "fake-trainer: SIGTERM, stopping" >&2; exit 143' TERM
-fi
-start=$(ls "$checkpoints" 2>/dev/null | sed -n 's/^step-\([0-9]*\)$/\1/p' | sort -n | tail -n 1)
-start=${start:-0}
-echo "fake-trainer: $name ($mode) from step $start" >&2
-echo "{\"event\":\"started\",\"total_steps\":$total,\"resumed_from_step\":$start}"
-echo "this line is not a protocol event"
-step=$start
-while [ "$step" -lt "$total" ]; do
-  step=$((step + 1))
-  sleep "$delay" & wait $!
-  loss=$(awk -v s="$step" 'BEGIN { printf "%.4f", 3 / (s + 1) }')
-  epoch=$(awk -v s="$step" -v t="$total" 'BEGIN { printf "%.4f", s / t }')
-  echo "{\"event\":\"progress\",\"step\":$step,\"total_steps\":$total,\"epoch\":$epoch,\"loss\":$loss,\"learning_rate\":0.0002,\"tokens_per_second\":1000}"
-  if [ "$mode" = crash ] && [ "$step" -eq 3 ]; then
-    echo "Traceback: tensor shape mismatch in /very/internal/path.py" >&2
-    kill -KILL $$
-  fi
-  if [ "$mode" = fail ] && [ "$step" -eq 2 ]; then
-    echo '{"event":"failed","reason":"out of memory at batch size 8: lower batch_size"}'
-    exit 1
-  fi
-  if [ $((step % 2)) -eq 0 ]; then
-    mkdir -p "$checkpoints/.tmp-step-$step" && mv "$checkpoints/.tmp-step-$step" "$checkpoints/step-$step"
-    echo "{\"event\":\"checkpoint\",\"step\":$step,\"path\":\"checkpoints/step-$step\"}"
-    echo "{\"event\":\"eval\",\"step\":$step,\"eval_loss\":$loss}"
-  fi
-done
-mkdir -p "$output"
-echo '{"peft_type":"LORA","r":16}' > "$output/adapter_config.json"
-printf 'not really safetensors' > "$output/adapter_model.safetensors"
-echo "{\"event\":\"succeeded\",\"output_dir\":\"$output\",\"metrics\":{\"train_loss\":$loss,\"eval_loss\":$loss}}"
-exit 0
-"#;
+/// The test double of `medbox-trainer` (shared with the end-to-end tests).
+const FAKE_TRAINER: &str = include_str!("../../../../tests/test-doubles/fake-trainer");
 
 /// A medboxd with the fake trainer, in a data folder the test owns.
 struct FinetuneServer {
