@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Read at run time, not with env!(): the compiled build script is cached
     // in the shared target dir and reused by clones at other paths.
     let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = ["medbox/v1/inference.proto", "medbox/v1/admin.proto"];
+    let files = [
+        "medbox/v1/inference.proto",
+        "medbox/v1/admin.proto",
+        "medbox/v1/finetuning.proto",
+    ];
     // Each file and the folder (a new file), so that every build sees an edit.
     println!(
         "cargo:rerun-if-changed={}",

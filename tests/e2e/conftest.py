@@ -87,7 +87,7 @@ class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 class Medboxd:
     """A medboxd process with its own config, data directory and port."""
 
-    def __init__(self, workdir: pathlib.Path, storage: str):
+    def __init__(self, workdir: pathlib.Path, storage: str, extra_config: str = ""):
         self.channel = None
         assert (TINY_MODEL / "config.json").is_file(), f"no tiny model at {TINY_MODEL}: run scripts/make-tiny-model"
         self.port = free_port()
@@ -102,6 +102,7 @@ class Medboxd:
             f'[storage]\ndata_dir = "{self.data_dir}"\n{storage_url}'
             f'[[models]]\nname = "tiny"\npath = "{TINY_MODEL}"\naliases = ["medical"]\n'
             f'[[models]]\nname = "minilm"\npath = "{minilm_path()}"\nkind = "embedding"\n'
+            f"{extra_config}"
         )
         self.log_path = workdir / "medboxd.log"
         self.log = open(self.log_path, "wb")

@@ -12,6 +12,8 @@ use medbox_proto::v1 as pb;
 use serde_json::json;
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
+mod finetune;
+
 #[derive(Parser)]
 #[command(
     name = "medboxctl",
@@ -101,6 +103,16 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Fine-tuning datasets: upload (every line checked, de-identified, split), list.
+    Datasets {
+        #[command(subcommand)]
+        command: finetune::DatasetsCommand,
+    },
+    /// Fine-tuning jobs: create, watch with a live progress bar, list, cancel.
+    Finetune {
+        #[command(subcommand)]
+        command: finetune::FinetuneCommand,
     },
     /// Show how a model's tokenizer splits a text.
     Tokenize {
@@ -348,6 +360,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { command } => keys(&client, command, cli.json).await,
         Command::Audit { command } => audit(&client, command, cli.json).await,
         Command::Tokenize { model, text } => tokenize(&client, model, text, cli.json).await,
+        Command::Datasets { command } => finetune::datasets(&client, command, cli.json).await,
+        Command::Finetune { command } => finetune::finetune(&client, command, cli.json).await,
     }
 }
 

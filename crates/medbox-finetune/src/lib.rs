@@ -24,16 +24,35 @@
 //! de-identification config and seed give the same examples, the same SHA-256
 //! and the same split.
 //!
+//! Around the datasets, the job side that `medboxd` and `medbox-trainer`
+//! share: [`protocol`] (the process contract: `job.json`, the event lines on
+//! the trainer's stdout, the job folder's layout), [`hyperparameters`] (the
+//! methods, their defaults and checks) and [`manifest`] (the SHA-256 manifest
+//! of a registered model version).
+//!
 //! **Architecture Invariant:** no sockets and no tch here (the trainer will add
 //! tch; it will still open no socket).
+//!
+//! **Architecture Invariant:** the protocol types are the only `Serialize`
+//! types of the crate: they are a wire format between two processes, written
+//! and read by the same code on both sides.
 
 pub mod dataset;
+pub mod hyperparameters;
+pub mod manifest;
+pub mod protocol;
 pub mod split;
 pub mod validation;
 
 pub use dataset::{
     ChatTurn, DatasetFormat, DeidentifiedDataset, Example, Role, UnknownFormat, deidentify_dataset,
 };
+pub use hyperparameters::{
+    DistillParameters, HyperparameterError, HyperparameterOverrides, Hyperparameters,
+    LoraParameters, Method, OutputKind, UnknownMethod,
+};
+pub use manifest::{ManifestError, ManifestFile, ModelManifest};
+pub use protocol::{DatasetRef, JobSpec, ModelRef, ProtocolError, TrainerEvent};
 pub use split::{DEFAULT_EVAL_PERCENT, DatasetSplit, SplitConfig, SplitError, split_dataset};
 pub use validation::{
     DatasetReport, DatasetSummary, ErrorKind, Limits, LineError, LineErrorReason, Rejection,

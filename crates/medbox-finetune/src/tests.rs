@@ -513,3 +513,303 @@ fn split_is_deterministic_for_a_seed() {
         eval_texts(&reversed, &reversed_split)
     );
 }
+
+// The protocol, hyper-parameters and manifests.
+
+fn check_event(line: &str, expect: Result<TrainerEvent, &str>) {
+    let parsed = TrainerEvent::parse_line(line).map_err(|error| error.to_string());
+    match (&parsed, &expect) {
+        (Ok(event), Ok(expected)) => {
+            assert_eq!(event, expected, "{line}");
+            // What a trainer writes, medboxd reads back the same.
+            assert_eq!(
+                TrainerEvent::parse_line(&event.to_line()).as_ref(),
+                Ok(event)
+            );
+        }
+        (Err(message), Err(needle)) => {
+            assert!(
+                message.contains(needle),
+                "`{message}` should contain `{needle}`"
+            )
+        }
+        _ => panic!("{line}: got {parsed:?}, expected {expect:?}"),
+    }
+}
+
+#[test]
+fn trainer_event_lines() {
+    check_event(
+        r#"{"event":"started","total_steps":120}"#,
+        Ok(TrainerEvent::Started {
+            total_steps: 120,
+            resumed_from_step: 0,
+        }),
+    );
+    check_event(
+        r#" {"event":"progress","step":10,"total_steps":120,"epoch":0.25,"loss":2.5,"learning_rate":0.0002,"tokens_per_second":812.5,"extra":"ignored"} "#,
+        Ok(TrainerEvent::Progress {
+            step: 10,
+            total_steps: 120,
+            epoch: 0.25,
+            loss: 2.5,
+            learning_rate: 2e-4,
+            tokens_per_second: 812.5,
+        }),
+    );
+    check_event(
+        r#"{"event":"eval","step":20,"eval_loss":1.75}"#,
+        Ok(TrainerEvent::Eval {
+            step: 20,
+            eval_loss: 1.75,
+        }),
+    );
+    check_event(
+        r#"{"event":"checkpoint","step":20,"path":"checkpoints/step-20"}"#,
+        Ok(TrainerEvent::Checkpoint {
+            step: 20,
+            path: "checkpoints/step-20".into(),
+        }),
+    );
+    check_event(
+        r#"{"event":"succeeded","output_dir":"output","metrics":{"eval_loss":0.5}}"#,
+        Ok(TrainerEvent::Succeeded {
+            output_dir: "output".into(),
+            metrics: BTreeMap::from([("eval_loss".to_owned(), 0.5)]),
+        }),
+    );
+    check_event(
+        r#"{"event":"failed","reason":"out of GPU memory: lower batch_size"}"#,
+        Ok(TrainerEvent::Failed {
+            reason: "out of GPU memory: lower batch_size".into(),
+        }),
+    );
+    check_event(r#"{"event":"exploded"}"#, Err("unknown variant `exploded`"));
+    check_event(r#"{"step":1}"#, Err("missing field `event`"));
+    check_event("loss=2.5", Err("not a trainer event line"));
+    check_event(
+        r#"{"event":"progress","step":121,"total_steps":120,"epoch":1,"loss":1,"learning_rate":0,"tokens_per_second":1}"#,
+        Err("past `total_steps`"),
+    );
+    check_event(
+        r#"{"event":"progress","step":1,"total_steps":120,"epoch":1,"loss":1,"learning_rate":-1,"tokens_per_second":1}"#,
+        Err("cannot be negative"),
+    );
+    check_event(
+        r#"{"event":"started","total_steps":10,"resumed_from_step":11}"#,
+        Err("`resumed_from_step`"),
+    );
+}
+
+fn sample_spec() -> JobSpec {
+    JobSpec {
+        protocol_version: protocol::PROTOCOL_VERSION,
+        job_id: "job_0123456789ab".into(),
+        method: Method::Lora,
+        base_model: ModelRef {
+            name: "tiny".into(),
+            path: "/var/lib/medbox/models/tiny".into(),
+        },
+        teacher_model: None,
+        dataset: DatasetRef {
+            id: "ds_0123456789ab".into(),
+            name: "lab-flags".into(),
+            sha256: "ab".repeat(32),
+            format: "messages".into(),
+            train_file: "/var/lib/medbox/datasets/ds_0123456789ab/train.jsonl".into(),
+            eval_file: "/var/lib/medbox/datasets/ds_0123456789ab/eval.jsonl".into(),
+            train_examples: 95,
+            eval_examples: 5,
+        },
+        hyperparameters: Hyperparameters::defaults(Method::Lora),
+        seed: 42,
+        checkpoint_every: 50,
+        device: "cpu".into(),
+        checkpoints_dir: "/var/lib/medbox/jobs/job_0123456789ab/checkpoints".into(),
+        output_dir: "/var/lib/medbox/jobs/job_0123456789ab/output".into(),
+        output_name: "tiny-lab-flags".into(),
+    }
+}
+
+#[test]
+fn job_spec_round_trips_and_refuses_other_versions() {
+    let spec = sample_spec();
+    let text = spec.to_json();
+    assert!(text.contains("\"method\": \"lora\""), "{text}");
+    assert!(text.contains("\"r\": 16"), "{text}");
+    assert!(!text.contains("distill"), "{text}");
+    assert_eq!(JobSpec::from_json(&text), Ok(spec.clone()));
+    assert_eq!(spec.dataset_format(), Some(DatasetFormat::Messages));
+    let newer = text.replace("\"protocol_version\": 1", "\"protocol_version\": 2");
+    assert_eq!(
+        JobSpec::from_json(&newer),
+        Err(ProtocolError::VersionMismatch {
+            found: 2,
+            expected: 1
+        })
+    );
+    assert!(matches!(
+        JobSpec::from_json("{}"),
+        Err(ProtocolError::BadSpec(_))
+    ));
+}
+
+#[test]
+fn hyperparameter_defaults_per_method() {
+    let lora = Hyperparameters::defaults(Method::Lora);
+    assert_eq!(lora.learning_rate, 2e-4);
+    let adapter = lora.lora.as_ref().unwrap();
+    assert_eq!(
+        (adapter.r, adapter.alpha, adapter.dropout),
+        (16, 32.0, 0.05)
+    );
+    assert_eq!(adapter.target_modules, ["all-linear"]);
+    assert!(lora.distill.is_none());
+    let full = Hyperparameters::defaults(Method::Full);
+    assert_eq!(full.learning_rate, 1e-5);
+    assert!(full.lora.is_none() && full.distill.is_none());
+    let distill = Hyperparameters::defaults(Method::Distill);
+    let settings = distill.distill.as_ref().unwrap();
+    assert_eq!((settings.ratio, settings.temperature), (0.5, 2.0));
+    assert_eq!(Method::Lora.output_kind(), OutputKind::Adapter);
+    assert_eq!(Method::Distill.output_kind(), OutputKind::Merged);
+    assert_eq!("distill".parse::<Method>(), Ok(Method::Distill));
+    assert_eq!(
+        "qlora".parse::<Method>().unwrap_err().to_string(),
+        "`method` must be one of lora, full, distill; got `qlora`"
+    );
+}
+
+fn check_overrides(
+    method: Method,
+    overrides: HyperparameterOverrides,
+    expect: Result<fn(&Hyperparameters) -> bool, &str>,
+) {
+    match (Hyperparameters::resolve(method, &overrides), expect) {
+        (Ok(resolved), Ok(holds)) => assert!(holds(&resolved), "{overrides:?} → {resolved:?}"),
+        (Err(error), Err(message)) => assert_eq!(error.to_string(), message, "{overrides:?}"),
+        (got, _) => panic!("{overrides:?}: unexpected {got:?}"),
+    }
+}
+
+#[test]
+fn hyperparameter_overrides_are_checked_by_field() {
+    use HyperparameterOverrides as O;
+    check_overrides(
+        Method::Lora,
+        O {
+            epochs: Some(5),
+            learning_rate: Some(1e-3),
+            lora_r: Some(8),
+            ..O::default()
+        },
+        Ok(|h| h.epochs == 5 && h.learning_rate == 1e-3 && h.lora.as_ref().unwrap().r == 8),
+    );
+    check_overrides(
+        Method::Full,
+        O {
+            epochs: Some(0),
+            ..O::default()
+        },
+        Err("`epochs` must be between 1 and 1000, got 0"),
+    );
+    check_overrides(
+        Method::Full,
+        O {
+            learning_rate: Some(0.0),
+            ..O::default()
+        },
+        Err("`learning_rate` must be > 0 and ≤ 1, got 0"),
+    );
+    check_overrides(
+        Method::Full,
+        O {
+            learning_rate: Some(f64::NAN),
+            ..O::default()
+        },
+        Err("`learning_rate` must be > 0 and ≤ 1, got NaN"),
+    );
+    check_overrides(
+        Method::Full,
+        O {
+            lora_r: Some(8),
+            ..O::default()
+        },
+        Err("`lora_r` applies only to method lora, and this job's method is full"),
+    );
+    check_overrides(
+        Method::Lora,
+        O {
+            distill_temperature: Some(4.0),
+            ..O::default()
+        },
+        Err("`distill_temperature` applies only to method distill, and this job's method is lora"),
+    );
+    check_overrides(
+        Method::Distill,
+        O {
+            distill_ratio: Some(1.5),
+            ..O::default()
+        },
+        Err("`distill_ratio` must be between 0 and 1, got 1.5"),
+    );
+    check_overrides(
+        Method::Distill,
+        O {
+            distill_ratio: Some(0.7),
+            ..O::default()
+        },
+        Ok(|h| h.distill.as_ref().unwrap().ratio == 0.7),
+    );
+}
+
+#[test]
+fn manifest_lists_every_file_and_catches_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("adapter_config.json"), "{}").unwrap();
+    std::fs::create_dir(dir.path().join("extra")).unwrap();
+    std::fs::write(dir.path().join("extra/notes.txt"), "abc").unwrap();
+    std::fs::write(dir.path().join(manifest::MANIFEST_FILE), "ignored").unwrap();
+    let files = manifest::hash_folder(dir.path()).unwrap();
+    let listed: Vec<(&str, u64)> = files.iter().map(|f| (f.path.as_str(), f.bytes)).collect();
+    assert_eq!(listed, [("adapter_config.json", 2), ("extra/notes.txt", 3)]);
+    assert_eq!(
+        files[1].sha256,
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let spec = sample_spec();
+    let manifest = ModelManifest {
+        format: manifest::MANIFEST_FORMAT.into(),
+        name: spec.output_name.clone(),
+        version: 1,
+        kind: OutputKind::Adapter,
+        method: spec.method,
+        base_model: spec.base_model.clone(),
+        teacher_model: None,
+        dataset: manifest::ManifestDataset {
+            id: spec.dataset.id.clone(),
+            name: spec.dataset.name.clone(),
+            sha256: spec.dataset.sha256.clone(),
+        },
+        hyperparameters: spec.hyperparameters.clone(),
+        seed: spec.seed,
+        metrics: BTreeMap::from([("eval_loss".to_owned(), 0.25)]),
+        job_id: spec.job_id.clone(),
+        created_at_ms: 1_700_000_000_000,
+        files,
+    };
+    assert_eq!(
+        ModelManifest::from_json(&manifest.to_json()).unwrap(),
+        manifest
+    );
+    manifest::verify_folder(dir.path(), &manifest).unwrap();
+    std::fs::write(dir.path().join("extra/notes.txt"), "abd").unwrap();
+    let error = manifest::verify_folder(dir.path(), &manifest).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "`extra/notes.txt` differs from the manifest (its SHA-256 changed)"
+    );
+    std::fs::remove_file(dir.path().join("extra/notes.txt")).unwrap();
+    let error = manifest::verify_folder(dir.path(), &manifest).unwrap_err();
+    assert!(error.to_string().contains("(missing)"), "{error}");
+}

@@ -35,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
+    pub finetune: FinetuneConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
 }
 
@@ -79,6 +81,97 @@ pub struct AuditConfig {
     /// Off by default: the trail is append-only, so text kept there is kept forever.
     #[serde(default)]
     pub store_text: bool,
+}
+
+/// Fine-tuning: dataset uploads and the job runner (`[finetune]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// `false` is the inference-only profile: UploadDataset and CreateJob are
+    /// refused with FAILED_PRECONDITION and no trainer is ever started.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Trainer processes running at once; later jobs wait in order.
+    #[serde(default = "default_max_concurrent_jobs")]
+    pub max_concurrent_jobs: usize,
+    /// Jobs that may wait; CreateJob is refused with RESOURCE_EXHAUSTED beyond.
+    #[serde(default = "default_max_queued_jobs")]
+    pub max_queued_jobs: usize,
+    /// The `medbox-trainer` program; default: the one next to `medboxd`.
+    #[serde(default)]
+    pub trainer_path: Option<PathBuf>,
+    /// Optimizer steps between checkpoints, written into each new job.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u32,
+    /// After SIGTERM (cancel, shutdown), how long a trainer may take to exit
+    /// before SIGKILL.
+    #[serde(default = "default_cancel_grace_seconds")]
+    pub cancel_grace_seconds: u64,
+    /// Largest dataset upload accepted.
+    #[serde(default = "default_max_dataset_bytes")]
+    pub max_dataset_bytes: u64,
+    /// Where trainers run: `cpu` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Optional name dictionary for de-identification, one name per line
+    /// (names found anywhere in a dataset are masked).
+    #[serde(default)]
+    pub deid_names_file: Option<PathBuf>,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            enabled: true,
+            max_concurrent_jobs: default_max_concurrent_jobs(),
+            max_queued_jobs: default_max_queued_jobs(),
+            trainer_path: None,
+            checkpoint_every: default_checkpoint_every(),
+            cancel_grace_seconds: default_cancel_grace_seconds(),
+            max_dataset_bytes: default_max_dataset_bytes(),
+            device: default_device(),
+            deid_names_file: None,
+        }
+    }
+}
+
+fn default_max_concurrent_jobs() -> usize {
+    1
+}
+
+fn default_max_queued_jobs() -> usize {
+    64
+}
+
+fn default_checkpoint_every() -> u32 {
+    100
+}
+
+fn default_cancel_grace_seconds() -> u64 {
+    30
+}
+
+fn default_max_dataset_bytes() -> u64 {
+    1 << 30
+}
+
+impl FinetuneConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, zero) in [
+            ("max_concurrent_jobs", self.max_concurrent_jobs == 0),
+            ("max_queued_jobs", self.max_queued_jobs == 0),
+            ("checkpoint_every", self.checkpoint_every == 0),
+            ("max_dataset_bytes", self.max_dataset_bytes == 0),
+        ] {
+            if zero {
+                return Err(ConfigError::ZeroFinetuneSetting { key });
+            }
+        }
+        self.device
+            .parse::<Device>()
+            .map_err(|reason| ConfigError::BadFinetuneDevice { reason })?;
+        Ok(())
+    }
 }
 
 /// Protection of the box from overload, per key and overall.
@@ -368,6 +461,10 @@ pub enum ConfigError {
     BadMethodTimeout { method: String, reason: String },
     #[error("limits.{key} must be greater than 0")]
     ZeroLimit { key: &'static str },
+    #[error("finetune.{key} must be greater than 0")]
+    ZeroFinetuneSetting { key: &'static str },
+    #[error("finetune.device: {reason}")]
+    BadFinetuneDevice { reason: String },
     #[error("server.log_format: `{value}` is not one of text, json")]
     BadLogFormat { value: String },
     #[error("models[{index}].name must not be empty")]
@@ -589,6 +686,7 @@ impl Config {
             }
         }
         self.metrics_addr()?;
+        self.finetune.validate()?;
         if !matches!(self.server.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::BadLogFormat {
                 value: self.server.log_format.clone(),
@@ -642,6 +740,38 @@ mod tests {
         assert!(err.to_string().contains("listen_addr"), "{err}");
         let err = load("[sever]\n", &[]).unwrap_err();
         assert!(err.to_string().contains("sever"), "{err}");
+    }
+
+    #[test]
+    fn finetune_settings_default_and_are_checked() {
+        let config = load("", &[]).unwrap();
+        assert!(config.finetune.enabled);
+        assert_eq!(config.finetune.max_concurrent_jobs, 1);
+        assert_eq!(config.finetune.trainer_path, None);
+        let config = load(
+            "[finetune]\nenabled = false\nmax_concurrent_jobs = 2\ntrainer_path = \"/opt/t\"\n",
+            &[("MEDBOX__FINETUNE__CHECKPOINT_EVERY", "25")],
+        )
+        .unwrap();
+        assert!(!config.finetune.enabled);
+        assert_eq!(config.finetune.max_concurrent_jobs, 2);
+        assert_eq!(config.finetune.checkpoint_every, 25);
+        assert_eq!(
+            config.finetune.trainer_path.as_deref(),
+            Some(Path::new("/opt/t"))
+        );
+        config.validate().unwrap();
+        let check = |body: &str, expect: &str| {
+            let err = load(body, &[]).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(expect), "{err} should contain {expect}");
+        };
+        check(
+            "[finetune]\nmax_concurrent_jobs = 0\n",
+            "finetune.max_concurrent_jobs must be greater than 0",
+        );
+        check("[finetune]\ndevice = \"tpu\"\n", "finetune.device");
+        let err = load("[finetune]\nmax_jobs = 3\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("max_jobs"), "{err}");
     }
 
     #[test]

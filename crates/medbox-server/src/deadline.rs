@@ -173,6 +173,12 @@ const QUICK_METHODS: &[&str] = &[
     "Admin.ListApiKeys",
 ];
 const QUICK_DEADLINE: Duration = Duration::from_secs(30);
+/// Calls that last as long as their work: watching a training job, and
+/// uploading a large dataset.
+const LONG_METHODS: &[(&str, Duration)] = &[
+    ("FineTuning.WatchJob", Duration::from_secs(7 * 24 * 3600)),
+    ("FineTuning.UploadDataset", Duration::from_secs(3600)),
+];
 /// Services whose methods may be named in `limits.method_timeout_seconds`.
 pub const KNOWN_SERVICES: &[&str] = &["Inference", "Admin", "FineTuning", "Agents"];
 
@@ -182,6 +188,11 @@ impl MethodDeadlines {
         let mut per_method: HashMap<String, Duration> = QUICK_METHODS
             .iter()
             .map(|method| ((*method).to_owned(), QUICK_DEADLINE.min(default)))
+            .chain(
+                LONG_METHODS
+                    .iter()
+                    .map(|(method, deadline)| ((*method).to_owned(), (*deadline).max(default))),
+            )
             .collect();
         for (method, seconds) in configured {
             per_method.insert(method.clone(), Duration::from_secs(*seconds));
@@ -399,7 +410,11 @@ mod tests {
             Some(Duration::from_secs(5))
         );
         assert_eq!(of("/grpc.health.v1.Health/Check"), None);
-        assert_eq!(deadlines.longest(), Duration::from_secs(600));
+        assert_eq!(
+            of("/medbox.v1.FineTuning/WatchJob"),
+            Some(Duration::from_secs(7 * 24 * 3600))
+        );
+        assert_eq!(deadlines.longest(), Duration::from_secs(7 * 24 * 3600));
     }
 
     #[test]

@@ -38,6 +38,32 @@ pub enum ApiError {
     QueueFull(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error(
+        "fine-tuning is off: this box runs the inference-only profile ([finetune] enabled = false)"
+    )]
+    FinetuneDisabled,
+    #[error("{field}: model `{name}` is not registered on this box (see ListModels)")]
+    UnknownModel { field: &'static str, name: String },
+    #[error("dataset `{0}` does not exist (see ListDatasets)")]
+    DatasetNotFound(String),
+    #[error(
+        "dataset `{name}` was rejected at upload ({invalid_lines} bad lines) and cannot be trained on; fix it and upload it again"
+    )]
+    DatasetRejected { name: String, invalid_lines: u64 },
+    #[error("the dataset is larger than {limit} bytes (finetune.max_dataset_bytes)")]
+    DatasetTooLarge { limit: u64 },
+    #[error("the upload ended before it was complete")]
+    UploadInterrupted,
+    #[error("job `{0}` does not exist (see ListJobs)")]
+    JobNotFound(String),
+    #[error("job `{id}` has already {state}; there is nothing to cancel")]
+    JobFinished { id: String, state: &'static str },
+    #[error("the fine-tuning queue is full ({limit} jobs waiting); retry when one has started")]
+    JobQueueFull { limit: usize },
+    #[error(
+        "the trainer program (medbox-trainer) is not installed on this box; an administrator must install it"
+    )]
+    TrainerMissing,
     #[error("internal error")]
     Internal(String),
 }
@@ -58,6 +84,16 @@ impl ApiError {
             ApiError::Invalid(_) => "invalid_argument",
             ApiError::QueueFull(_) => "queue_full",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::FinetuneDisabled => "finetune_disabled",
+            ApiError::UnknownModel { .. } => "model_not_found",
+            ApiError::DatasetNotFound(_) => "dataset_not_found",
+            ApiError::DatasetRejected { .. } => "dataset_rejected",
+            ApiError::DatasetTooLarge { .. } => "dataset_too_large",
+            ApiError::UploadInterrupted => "upload_interrupted",
+            ApiError::JobNotFound(_) => "job_not_found",
+            ApiError::JobFinished { .. } => "job_finished",
+            ApiError::JobQueueFull { .. } => "job_queue_full",
+            ApiError::TrainerMissing => "trainer_missing",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -76,6 +112,16 @@ impl ApiError {
             ApiError::Invalid(_) => Code::InvalidArgument,
             ApiError::QueueFull(_) => Code::ResourceExhausted,
             ApiError::ShuttingDown => Code::Unavailable,
+            ApiError::FinetuneDisabled => Code::FailedPrecondition,
+            ApiError::UnknownModel { .. } => Code::NotFound,
+            ApiError::DatasetNotFound(_) => Code::NotFound,
+            ApiError::DatasetRejected { .. } => Code::FailedPrecondition,
+            ApiError::DatasetTooLarge { .. } => Code::InvalidArgument,
+            ApiError::UploadInterrupted => Code::Cancelled,
+            ApiError::JobNotFound(_) => Code::NotFound,
+            ApiError::JobFinished { .. } => Code::FailedPrecondition,
+            ApiError::JobQueueFull { .. } => Code::ResourceExhausted,
+            ApiError::TrainerMissing => Code::FailedPrecondition,
             ApiError::Internal(_) => Code::Internal,
         }
     }

@@ -9,9 +9,12 @@
 mod admin;
 mod auth;
 pub mod config;
+mod datasets;
 mod deadline;
 mod error;
+mod finetuning;
 mod inference;
+mod jobs;
 mod limits;
 mod metrics;
 mod request_log;

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub prefix_cache_tokens: IntCounterVec,
     pub preemptions: IntCounterVec,
     pub models: IntGaugeVec,
+    pub jobs: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -134,6 +135,13 @@ impl Metrics {
             ),
             &["state"],
         )?;
+        let jobs = IntGaugeVec::new(
+            Opts::new(
+                "medbox_jobs",
+                "Fine-tuning jobs, by state (queued, running, succeeded, failed, cancelled)",
+            ),
+            &["state"],
+        )?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -148,6 +156,7 @@ impl Metrics {
             Box::new(prefix_cache_tokens.clone()),
             Box::new(preemptions.clone()),
             Box::new(models.clone()),
+            Box::new(jobs.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(collector)?;
@@ -167,6 +176,7 @@ impl Metrics {
             prefix_cache_tokens,
             preemptions,
             models,
+            jobs,
         })
     }
 

@@ -3,7 +3,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use medbox_proto::v1::{admin_server::AdminServer, inference_server::InferenceServer};
+use medbox_proto::v1::{
+    admin_server::AdminServer, fine_tuning_server::FineTuningServer,
+    inference_server::InferenceServer,
+};
 use medbox_store::{NewApiKey, NewModel, Store, StoreError};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
@@ -14,7 +17,9 @@ use crate::{
     auth::{AuthLayer, Gatekeeper},
     config::{Config, ConfigError, ValidModelConfig},
     deadline::{DeadlineLayer, MethodDeadlines, RequestIdLayer},
+    finetuning::{FineTuningService, FinetuneStartError},
     inference::InferenceService,
+    jobs::JobGauge,
     limits::{AdmissionLayer, KeyLimiter, KeyLimits},
     metrics::{self, Metrics},
     request_log::RequestLogger,
@@ -24,6 +29,8 @@ use crate::{
 
 /// How long the request-log writer may take to drain at shutdown.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Beyond the trainers' SIGTERM grace, how long the job runner may take to stop.
+const RUNNER_STOP_MARGIN: Duration = Duration::from_secs(10);
 
 /// Why `medboxd` could not start; each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +61,8 @@ pub enum StartError {
     },
     #[error("tls: the certificate, key or client CA is not usable: {0}")]
     Tls(String),
+    #[error("finetune: {0}")]
+    Finetune(#[from] FinetuneStartError),
     #[error("cannot write the first admin key to {path}: {source}")]
     AdminKeyFile {
         path: std::path::PathBuf,
@@ -204,6 +213,17 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .map_err(|err| StartError::Reflection(err.to_string()))?;
 
     let shutdown = CancellationToken::new();
+    let job_gauge = JobGauge::start(store.clone(), metrics.clone(), shutdown.clone());
+    let finetuning = crate::finetuning::start(
+        &config.finetune,
+        &config.storage.data_dir,
+        &store,
+        job_gauge,
+    )
+    .await?;
+    health
+        .set_serving::<FineTuningServer<FineTuningService>>()
+        .await;
     if let Some(listener) = metrics_listener {
         let router = router.clone();
         let refresh = move |metrics: &Metrics| {
@@ -279,6 +299,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                 .max_decoding_message_size(max_bytes),
         )
         .add_service(
+            FineTuningServer::new(FineTuningService::new(
+                state.clone(),
+                finetuning.context.clone(),
+            ))
+            .max_decoding_message_size(max_bytes),
+        )
+        .add_service(
             AdminServer::new(AdminService::new(state)).max_decoding_message_size(max_bytes),
         )
         .serve_with_incoming_shutdown(
@@ -318,6 +345,17 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         let engines = router.clone();
         if let Err(err) = tokio::task::spawn_blocking(move || engines.shutdown_engines()).await {
             tracing::warn!(error = %err, "stopping the engines failed");
+        }
+        if let Some(runner) = &finetuning.runner {
+            // Trainers get SIGTERM (SIGKILL after the grace); their jobs stay
+            // `running` and resume from their checkpoints at the next start.
+            let limit = finetuning.cancel_grace + RUNNER_STOP_MARGIN;
+            if tokio::time::timeout(limit, runner.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!("the job runner did not stop in time");
+            }
         }
         drop(router);
         if tokio::time::timeout(LOG_DRAIN_TIMEOUT, log_writer)
@@ -383,7 +421,7 @@ async fn ensure_admin_key(store: &Store, data_dir: &std::path::Path) -> Result<(
     Ok(())
 }
 
-fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+pub(crate) fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;

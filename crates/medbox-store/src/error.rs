@@ -61,6 +61,11 @@ pub enum StoreError {
     )]
     AuditHeadMissing,
 
+    #[error(
+        "a job's state changes only through transition_job or complete_job, never as a plain event"
+    )]
+    StateEventOutsideTransition,
+
     #[error("database unavailable while {operation}: {source}; check that the database is running")]
     Unavailable {
         operation: &'static str,
@@ -91,6 +96,7 @@ impl StoreError {
             StoreError::NoScopes => "no_scopes",
             StoreError::Randomness { .. } => "randomness",
             StoreError::AuditHeadMissing => "audit_head_missing",
+            StoreError::StateEventOutsideTransition => "state_event_outside_transition",
             StoreError::Unavailable { .. } => "unavailable",
             StoreError::Query { .. } => "query",
         }

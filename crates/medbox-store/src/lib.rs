@@ -3,8 +3,10 @@
 //!
 //! The crate owns the schema (embedded migrations, applied by [`Store::open`])
 //! and one typed repository per concern: the model registry ([`models`]), the
-//! per-RPC request log ([`request_log`]), API keys ([`api_keys`]) and the
-//! hash-chained audit trail ([`audit`]).
+//! per-RPC request log ([`request_log`]), API keys ([`api_keys`]), the
+//! hash-chained audit trail ([`audit`]), and fine-tuning: uploaded datasets
+//! ([`datasets`]), jobs with their append-only events ([`jobs`]) and the
+//! model versions they produce ([`model_versions`]).
 //!
 //! **Architecture Invariant:** only this crate knows SQL. Callers see typed
 //! records and [`StoreError`]; no SQL string, row or pool crosses the API.
@@ -17,7 +19,7 @@
 //! versions and names match).
 //!
 //! **Architecture Invariant:** audit-style tables (`request_log`,
-//! `audit_events`) are append-only. The store offers no update or delete for
+//! `audit_events`, `job_events`) are append-only. The store offers no update or delete for
 //! them, and the schema refuses `UPDATE` with a trigger (`audit_events` also
 //! `DELETE`, and on PostgreSQL `TRUNCATE`).
 //!
@@ -34,6 +36,11 @@
 //! SHA-256 is, and it is compared in constant time; records and `Debug`
 //! output never carry the secret or its hash.
 //!
+//! **Architecture Invariant:** a job's state and its event log never
+//! disagree: every state change is a conditional update (it happens only from
+//! the states the caller names) that appends its `state` event in the same
+//! transaction, and a job's success commits together with its model version.
+//!
 //! **Architecture Invariant:** timestamps are `BIGINT` unix milliseconds, taken
 //! from the medboxd clock, never from the database's.
 //!
@@ -45,7 +52,10 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod datasets;
 mod error;
+pub mod jobs;
+pub mod model_versions;
 pub mod models;
 pub mod request_log;
 
@@ -62,7 +72,12 @@ use sqlx::{
 
 pub use api_keys::{ApiKeyRecord, CreatedApiKey, KeyCheck, NewApiKey, SCOPES};
 pub use audit::{AuditEvent, AuditFilter, AuditHead, ChainVerdict, GENESIS_HASH, NewAuditEvent};
+pub use datasets::{DatasetRecord, DatasetState, NewDataset};
 pub use error::StoreError;
+pub use jobs::{
+    JobEventKind, JobEventRecord, JobFilter, JobRecord, JobState, JobTransition, NewJob,
+};
+pub use model_versions::{ModelVersionRecord, NewModelVersion};
 pub use models::{ModelRecord, NewModel};
 pub use request_log::{NewRequestLog, RequestFilter, RequestLog};
 
@@ -320,6 +335,12 @@ fn mask_password(url: &str) -> String {
         Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
         None => url.to_owned(),
     }
+}
+
+/// A fresh public id: `prefix` + 12 random hex digits (48 bits from the
+/// operating system's CSPRNG).
+pub(crate) fn random_id(prefix: &str) -> Result<String, StoreError> {
+    Ok(format!("{prefix}{}", api_keys::random_hex(6)?))
 }
 
 /// Now, in unix milliseconds.

@@ -17,6 +17,15 @@ const INFERENCE: &[&str] = &[
     "Tokenize",
     "ListModels",
 ];
+const FINETUNE: &[&str] = &[
+    "UploadDataset",
+    "ListDatasets",
+    "CreateJob",
+    "GetJob",
+    "ListJobs",
+    "CancelJob",
+    "WatchJob",
+];
 const ADMIN: &[&str] = &[
     "ListModels",
     "Status",
@@ -96,6 +105,7 @@ async fn every_rpc_against_every_scope() {
     let mut checked = 0;
     for (service, methods, needs) in [
         ("medbox.v1.Inference", INFERENCE, "inference"),
+        ("medbox.v1.FineTuning", FINETUNE, "finetune"),
         ("medbox.v1.Admin", ADMIN, "admin"),
     ] {
         for method in methods {
@@ -133,7 +143,10 @@ async fn every_rpc_against_every_scope() {
         call(&test.channel, "/grpc.health.v1.Health/Check", None).await,
         Code::Ok
     );
-    assert_eq!(checked, (INFERENCE.len() + ADMIN.len()) * 8);
+    assert_eq!(
+        checked,
+        (INFERENCE.len() + FINETUNE.len() + ADMIN.len()) * 8
+    );
 
     // Denials are in the audit trail, and the chain holds.
     let events = test
@@ -147,9 +160,10 @@ async fn every_rpc_against_every_scope() {
         .unwrap()
         .into_inner()
         .events;
+    // Two scopes are refused each Inference and FineTuning method, three each Admin one.
     assert_eq!(
         events.len(),
-        (INFERENCE.len() + ADMIN.len()) * 3 - INFERENCE.len()
+        (INFERENCE.len() + FINETUNE.len()) * 2 + ADMIN.len() * 3
     );
     assert!(events.iter().all(|event| !event.key_id.is_empty()));
     let verdict = test

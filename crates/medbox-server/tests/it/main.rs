@@ -18,6 +18,7 @@ use tonic::{
 };
 
 mod authorization;
+mod finetuning;
 mod limits;
 mod tls;
 

@@ -32,6 +32,7 @@ macro_rules! on_both_backends {
 
 mod api_keys;
 mod audit;
+mod finetuning;
 mod migrations;
 mod models;
 mod open;
