@@ -91,9 +91,18 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(weight) => xs.f_linear(weight, self.bias.as_ref()),
             LinearWeight::Int8 { weight, scales } => {
-                // The kernel takes (M, K) rows; callers pass (N, E) already.
-                let rows = xs.f_contiguous()?;
-                let out = rows.f_internal_weight_int8pack_mm(weight, scales)?;
+                // libtorch's int8 kernel is a matrix-vector product: its cost
+                // grows with the rows, so a prefill chunk or a big batch
+                // dequantizes the weights once and multiplies densely.
+                let out = if xs.size()[0] <= INT8_KERNEL_MAX_ROWS {
+                    xs.f_contiguous()?
+                        .f_internal_weight_int8pack_mm(weight, scales)?
+                } else {
+                    let dense = weight
+                        .f_to_kind(xs.f_kind()?)?
+                        .f_mul(&scales.f_unsqueeze(1)?.f_to_kind(xs.f_kind()?)?)?;
+                    xs.f_linear(&dense, None::<Tensor>)?
+                };
                 match &self.bias {
                     Some(bias) => out.f_add(bias),
                     None => Ok(out),
@@ -102,6 +111,9 @@ impl Linear {
         }
     }
 }
+
+/// Rows (tokens in one step) up to which the int8 kernel is used.
+const INT8_KERNEL_MAX_ROWS: i64 = 4;
 
 /// Symmetric per-output-channel int8: each row's scale maps its largest
 /// magnitude to 127.

@@ -353,3 +353,30 @@ async fn every_call_gets_a_request_id_and_a_client_one_is_kept() {
     assert_eq!(answer.into_inner().request_id, "ward-7-0001", "echoed");
     test.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_deadline_ends_a_unary_call() {
+    let test = start_with(
+        "",
+        "[limits]\nmethod_timeout_seconds = { \"Inference.Generate\" = 1 }\n",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let result = test
+        .inference()
+        .generate(greedy("A long discharge summary:", 480))
+        .await;
+    let elapsed = started.elapsed();
+    match result {
+        Err(status) => {
+            assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+            assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
+        }
+        Ok(answer) => assert!(
+            elapsed < Duration::from_secs(1),
+            "{} tokens in {elapsed:?} despite a 1 s deadline",
+            answer.into_inner().token_ids.len()
+        ),
+    }
+    test.server.shutdown().await.unwrap();
+}
