@@ -8,6 +8,7 @@ protocol of the tree it runs in.
 import importlib
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,6 +130,8 @@ class Medboxd:
         return lines[-1] if lines else "(no output)"
 
     def stop(self):
+        """Stops medboxd; its folder is removed, unless it exited with an error
+        (then its log stays there for a look)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -138,3 +141,8 @@ class Medboxd:
                 self.proc.wait()
         self.channel.close()
         self.log.close()
+        if self.proc.returncode == 0:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        else:
+            print(f"bench: medboxd exited with {self.proc.returncode}; its log: {self.log_path}",
+                  file=sys.stderr, flush=True)
