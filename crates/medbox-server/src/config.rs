@@ -202,7 +202,7 @@ pub struct LimitsConfig {
     /// `"Inference.Embed" = 30`); others get `request_timeout_seconds`, and
     /// quick lookups (Tokenize, ListModels, Status, keys) 30 s.
     #[serde(default)]
-    pub method_timeout_seconds: HashMap<String, u64>,
+    pub method_timeout_seconds: HashMap<String, f64>,
 }
 
 impl Default for LimitsConfig {
@@ -678,10 +678,10 @@ impl Config {
                     ),
                 });
             }
-            if *seconds == 0 {
+            if !(seconds.is_finite() && *seconds > 0.0) {
                 return Err(ConfigError::BadMethodTimeout {
                     method: method.clone(),
-                    reason: "must be greater than 0".into(),
+                    reason: "must be a number of seconds greater than 0".into(),
                 });
             }
         }

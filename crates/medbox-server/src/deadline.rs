@@ -184,7 +184,7 @@ pub const KNOWN_SERVICES: &[&str] = &["Inference", "Admin", "FineTuning", "Agent
 
 impl MethodDeadlines {
     /// `default` for every method not in `QUICK_METHODS` or `configured`.
-    pub fn new(default: Duration, configured: &HashMap<String, u64>) -> MethodDeadlines {
+    pub fn new(default: Duration, configured: &HashMap<String, f64>) -> MethodDeadlines {
         let mut per_method: HashMap<String, Duration> = QUICK_METHODS
             .iter()
             .map(|method| ((*method).to_owned(), QUICK_DEADLINE.min(default)))
@@ -195,7 +195,7 @@ impl MethodDeadlines {
             )
             .collect();
         for (method, seconds) in configured {
-            per_method.insert(method.clone(), Duration::from_secs(*seconds));
+            per_method.insert(method.clone(), Duration::from_secs_f64(*seconds));
         }
         MethodDeadlines {
             default,
@@ -322,8 +322,8 @@ fn expired(deadline: Duration, from_client: bool) -> Status {
         ))
     } else {
         Status::deadline_exceeded(format!(
-            "the method's default deadline of {} s was exceeded; send a grpc-timeout to set your own (up to that)",
-            deadline.as_secs()
+            "the method's default deadline of {:.1} s was exceeded; send a grpc-timeout to set your own (up to that)",
+            deadline.as_secs_f64()
         ))
     }
 }
@@ -394,7 +394,7 @@ mod tests {
 
     #[test]
     fn methods_get_their_deadline() {
-        let configured = HashMap::from([("Inference.Embed".to_owned(), 5)]);
+        let configured = HashMap::from([("Inference.Embed".to_owned(), 5.0)]);
         let deadlines = MethodDeadlines::new(Duration::from_secs(600), &configured);
         let of = |path| deadlines.for_path(path);
         assert_eq!(
