@@ -8,17 +8,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Read at run time, not with env!(): the compiled build script is cached
     // in the shared target dir and reused by clones at other paths.
     let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = [
-        "medbox/v1/inference.proto",
-        "medbox/v1/admin.proto",
-        "medbox/v1/finetuning.proto",
-    ];
+    // Every `.proto` file of the package, found at run time, so that a new
+    // service needs no edit here.
+    let package_dir = proto_root.join("medbox/v1");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&package_dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".proto") {
+            files.push(format!("medbox/v1/{name}"));
+        }
+    }
+    files.sort();
     // Each file and the folder (a new file), so that every build sees an edit.
-    println!(
-        "cargo:rerun-if-changed={}",
-        proto_root.join("medbox/v1").display()
-    );
-    for file in files {
+    println!("cargo:rerun-if-changed={}", package_dir.display());
+    for file in &files {
         println!("cargo:rerun-if-changed={}", proto_root.join(file).display());
     }
     let descriptors = protox::compile(files, [&proto_root])?;

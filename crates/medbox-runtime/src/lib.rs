@@ -57,6 +57,7 @@ mod engine;
 mod error;
 mod kv_blocks;
 mod loader;
+mod matmul_policy;
 mod model;
 mod model_thread;
 mod reasoning;

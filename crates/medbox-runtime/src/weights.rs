@@ -11,7 +11,7 @@
 //! the file in the process's resident set until it is unmapped, which would
 //! bring the peak back to twice the weights.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -22,6 +22,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::DType;
 use crate::error::LoadError;
+use crate::matmul_policy::MatmulPolicy;
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -56,6 +57,9 @@ pub(crate) struct Weights {
     device: tch::Device,
     /// Linear layers are quantized to int8 at load.
     quantize_linears: bool,
+    /// The kernel choice every linear layer loaded from here takes
+    /// (set by the model once measured, before its layers load).
+    matmul_policy: Cell<MatmulPolicy>,
     /// The one read buffer (at most `CHUNK_BYTES`), reused by every `get` so
     /// that the allocator is not left holding freed chunks.
     buffer: RefCell<Vec<u8>>,
@@ -100,6 +104,7 @@ impl Weights {
             kind: dtype.kind(),
             device,
             quantize_linears: dtype == DType::Int8,
+            matmul_policy: Cell::new(MatmulPolicy::NATIVE),
             buffer: RefCell::new(Vec::new()),
         })
     }
@@ -107,6 +112,15 @@ impl Weights {
     /// Whether linear layers are to be quantized to int8 (`DType::Int8`).
     pub(crate) fn quantize_linears(&self) -> bool {
         self.quantize_linears
+    }
+
+    /// The kernel choice for linear layers loaded from now on.
+    pub(crate) fn matmul_policy(&self) -> MatmulPolicy {
+        self.matmul_policy.get()
+    }
+
+    pub(crate) fn set_matmul_policy(&self, policy: MatmulPolicy) {
+        self.matmul_policy.set(policy);
     }
 
     pub(crate) fn contains(&self, name: &str) -> bool {
