@@ -192,11 +192,13 @@ fn tokens_are_stemmed_words_and_chinese_bigrams() {
         &["patient", "treat", "metformin"],
     );
     check("studies glasses diabetes", &["study", "glass", "diabet"]);
-    check("高血压", &["高血", "血压"]);
+    check("高血压", &["高血", "血压", "高", "血", "压"]);
     check("血", &["血"]);
     check(
         "HbA1c 7.0%，糖尿病控制",
-        &["hba1c", "7", "0", "糖尿", "尿病", "病控", "控制"],
+        &[
+            "hba1c", "7", "0", "糖尿", "尿病", "病控", "控制", "糖", "尿", "病", "控", "制",
+        ],
     );
 }
 
@@ -256,35 +258,66 @@ fn vector_index_ranks_by_cosine() {
 }
 
 #[test]
-fn reciprocal_rank_fusion_rewards_agreement() {
-    let config = FusionConfig::default();
-    let vector = [(1, 0.9), (2, 0.8), (3, 0.1)];
-    let keyword = [(2, 12.0), (4, 9.0)];
-    let fused = reciprocal_rank_fusion(&vector, &keyword, &config);
-    let order: Vec<usize> = fused.iter().map(|entry| entry.slot).collect();
-    // 2 is in both lists; 1 and 4 each lead one list (a tie broken by slot); 3 is last.
-    assert_eq!(order, [2, 1, 4, 3]);
-    assert!((fused[0].score - (1.0 / 62.0 + 1.0 / 61.0)).abs() < 1e-7);
-    assert_eq!(fused[0].vector.map(|ranked| ranked.rank), Some(2));
-    assert_eq!(fused[0].keyword.map(|ranked| ranked.rank), Some(1));
-    // Weights tilt the ties.
-    let keyword_first = FusionConfig {
-        keyword_weight: 2.0,
-        ..config
-    };
-    let fused = reciprocal_rank_fusion(&vector, &keyword, &keyword_first);
-    let order: Vec<usize> = fused.iter().map(|entry| entry.slot).collect();
-    assert_eq!(order, [2, 4, 1, 3]);
-    // Only `candidates` of each list count.
-    let shallow = FusionConfig {
-        candidates: 1,
-        ..config
-    };
-    let order: Vec<usize> = reciprocal_rank_fusion(&vector, &keyword, &shallow)
+fn score_fusion_blends_normalised_scores() {
+    // Cosines over every chunk; BM25 only where a term matched.
+    let vector = [(1, 0.9), (2, 0.7), (3, 0.5), (4, 0.4)];
+    let keyword = [(4, 12.0), (2, 6.0)];
+    let fused = fuse_scores(&vector, &keyword, 0.5);
+    let scores: Vec<(usize, f32)> = fused
         .iter()
-        .map(|entry| entry.slot)
+        .map(|entry| (entry.slot, entry.score))
         .collect();
-    assert_eq!(order, [1, 2]);
+    // 1: 0.5·1 = 0.5; 2: 0.5·0.6 + 0.5·0.5 = 0.55; 3: 0.5·0.2 = 0.1; 4: 0 + 0.5·1 = 0.5.
+    let expect = [(2, 0.55), (1, 0.5), (4, 0.5), (3, 0.1)];
+    assert_eq!(scores.len(), expect.len());
+    for ((slot, score), (expect_slot, expect_score)) in scores.iter().zip(expect) {
+        assert_eq!(*slot, expect_slot, "{scores:?}");
+        assert!((score - expect_score).abs() < 1e-6, "{scores:?}");
+    }
+    assert_eq!(fused[0].vector.map(|ranked| ranked.rank), Some(2));
+    assert_eq!(fused[0].keyword.map(|ranked| ranked.rank), Some(2));
+    // All vector or all keyword reproduces that ranking.
+    let order = |share: f32| -> Vec<usize> {
+        fuse_scores(&vector, &keyword, share)
+            .iter()
+            .map(|entry| entry.slot)
+            .collect()
+    };
+    assert_eq!(order(1.0), [1, 2, 3, 4]);
+    assert_eq!(order(0.0)[..2], [4, 2]);
+    // No keyword match: the vector ranking alone.
+    assert_eq!(
+        fuse_scores(&vector, &[], 0.5)
+            .iter()
+            .map(|entry| entry.slot)
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+}
+
+#[test]
+fn chinese_queries_lean_on_keywords_unless_the_model_is_multilingual() {
+    let config = FusionConfig::default();
+    let check = |query: &str, share: f32| {
+        let actual = config.vector_share(query);
+        assert!((actual - share).abs() < 1e-6, "{query}: {actual}");
+    };
+    check("When to refer asthma?", 0.5);
+    check("哮喘何时转诊", 0.0);
+    // Six CJK of eight letters and digits: a quarter of the vector weight.
+    check("骨密度T值多少2", 0.25 / 1.25);
+    check("", 0.5);
+    let multilingual = FusionConfig {
+        multilingual_embeddings: true,
+        ..config
+    };
+    assert_eq!(multilingual.vector_share("哮喘何时转诊"), 0.5);
+    let keyword_only = FusionConfig {
+        vector_weight: 0.0,
+        ..config
+    };
+    assert_eq!(keyword_only.vector_share("asthma"), 0.0);
+    assert_eq!(cjk_share("abc 高血压"), 0.5);
 }
 
 const GUIDE: &str = "# Asthma in adults\n\
