@@ -228,11 +228,14 @@ fn heading_of(line: &str) -> Option<(usize, String)> {
     Some((level, text.to_owned()))
 }
 
+/// The headings above a block, outermost first, with their levels.
+type HeadingPath = Vec<(usize, String)>;
+
 /// Sections by heading, and the title heading when there is exactly one `#`.
 fn parse_markdown(text: &str) -> (Vec<Section>, Option<String>) {
     let mut in_fence = false;
-    // (level, heading, lines) in document order.
-    let mut blocks: Vec<(Vec<(usize, String)>, Vec<&str>)> = vec![(Vec::new(), Vec::new())];
+    // (heading path, lines) in document order.
+    let mut blocks: Vec<(HeadingPath, Vec<&str>)> = vec![(Vec::new(), Vec::new())];
     let mut stack: Vec<(usize, String)> = Vec::new();
     let mut top_headings = Vec::new();
     for line in text.lines() {
@@ -240,16 +243,17 @@ fn parse_markdown(text: &str) -> (Vec<Section>, Option<String>) {
         if fence {
             in_fence = !in_fence;
         }
-        if !in_fence && !fence {
-            if let Some((level, heading)) = heading_of(line) {
-                if level == 1 {
-                    top_headings.push(heading.clone());
-                }
-                stack.retain(|(outer, _)| *outer < level);
-                stack.push((level, heading));
-                blocks.push((stack.clone(), Vec::new()));
-                continue;
+        if !in_fence
+            && !fence
+            && let Some((level, heading)) = heading_of(line)
+        {
+            if level == 1 {
+                top_headings.push(heading.clone());
             }
+            stack.retain(|(outer, _)| *outer < level);
+            stack.push((level, heading));
+            blocks.push((stack.clone(), Vec::new()));
+            continue;
         }
         if let Some((_, lines)) = blocks.last_mut() {
             lines.push(line);
@@ -500,10 +504,12 @@ fn stem(word: &str) -> String {
             return stemmed;
         }
     }
-    if !word.ends_with("ss") && !word.ends_with("us") && !word.ends_with("is") {
-        if let Some(stemmed) = strip("s", "") {
-            return stemmed;
-        }
+    if !word.ends_with("ss")
+        && !word.ends_with("us")
+        && !word.ends_with("is")
+        && let Some(stemmed) = strip("s", "")
+    {
+        return stemmed;
     }
     word.to_owned()
 }

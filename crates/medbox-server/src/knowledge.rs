@@ -113,7 +113,7 @@ pub struct KnowledgeContext {
     dir: Option<PathBuf>,
 }
 
-/// Why `add` failed or was a no-op.
+/// What `add` did.
 pub enum Added {
     New(KnowledgeDocumentRecord),
     AlreadyPresent(KnowledgeDocumentRecord),
