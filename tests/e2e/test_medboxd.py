@@ -280,6 +280,9 @@ def test_shipped_configs_pass_the_check(tmp_path, name):
     (tmp_path / "models" / "medical" / "config.json").write_text("{}")
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     (tmp_path / "models" / "tiny" / "config.json").write_text("{}")
+    (tmp_path / "models" / "minilm").mkdir(parents=True)
+    (tmp_path / "models" / "minilm" / "config.json").write_text("{}")
+    (tmp_path / "deploy" / "knowledge").mkdir(parents=True)
     text = (ROOT / "deploy" / name).read_text().replace("/var/lib/medbox", str(tmp_path))
     config = tmp_path / "medbox.toml"
     config.write_text(text)

@@ -20,6 +20,10 @@
 //!   a bundled [`icd10`] subset, [`drug_interactions`] and dose ranges,
 //!   Chinese medical-record [`record_rules`], and resident-ID / phone /
 //!   bank-card [`identifiers`] with de-identification.
+//! - [`knowledge`]: the knowledge base (documents chunked by section, BM25
+//!   with Chinese bigrams fused with vector similarity) and the
+//!   `knowledge_search` tool's schema and call, reached through the
+//!   [`knowledge::Embedder`] trait the server implements.
 //!
 //! **Architecture Invariant:** tools are deterministic and pure: the same
 //! arguments give the same result; no I/O, no clock, no randomness. Bundled
@@ -52,6 +56,7 @@ pub mod calculators;
 pub mod drug_interactions;
 pub mod icd10;
 pub mod identifiers;
+pub mod knowledge;
 pub mod lab_ranges;
 pub mod model;
 pub mod record_rules;
@@ -99,6 +104,10 @@ pub enum ToolError {
     /// A bundled table failed to parse (a bug in the shipped data, caught by tests).
     #[error("bundled table `{table}` is unusable: {reason}")]
     BundledTable { table: &'static str, reason: String },
+    /// A tool that needs a service of the box (the knowledge base's embedding
+    /// model) cannot reach it now; the model should answer without the tool.
+    #[error("tool `{tool}` is unavailable right now: {reason}; answer without it")]
+    Unavailable { tool: &'static str, reason: String },
     /// The tool could not encode its own result (a bug in the tool, not the arguments).
     #[error("tool `{tool}` failed to encode its result: {reason}")]
     ResultEncoding { tool: &'static str, reason: String },

@@ -98,3 +98,55 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         std::thread::yield_now();
     }
 }
+
+/// A deterministic [`crate::knowledge::Embedder`] for tests: each keyword
+/// token ([`crate::knowledge::tokenize`]) adds one to a dimension chosen by
+/// hashing it, and the vector is normalised. Texts that share words are
+/// similar, as with a real model, without libtorch. `fail_with` makes every
+/// call fail with that error; `calls` counts the calls made.
+pub struct HashingEmbedder {
+    pub model: String,
+    pub dimensions: usize,
+    pub fail_with: Option<crate::knowledge::EmbedderError>,
+    pub calls: std::sync::atomic::AtomicUsize,
+}
+
+impl HashingEmbedder {
+    pub fn new(dimensions: usize) -> HashingEmbedder {
+        HashingEmbedder {
+            model: "hashing".to_owned(),
+            dimensions,
+            fail_with: None,
+            calls: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The vector of one text.
+    pub fn vector(&self, text: &str) -> Vec<f32> {
+        let mut vector = vec![0.0f32; self.dimensions];
+        for token in crate::knowledge::tokenize(text) {
+            // FNV-1a: stable across runs and platforms.
+            let hash = token.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            });
+            vector[(hash % self.dimensions as u64) as usize] += 1.0;
+        }
+        crate::knowledge::normalize(&mut vector);
+        vector
+    }
+}
+
+impl crate::knowledge::Embedder for HashingEmbedder {
+    fn embed(&self, texts: Vec<String>) -> crate::knowledge::EmbedFuture<'_> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = match &self.fail_with {
+            Some(error) => Err(error.clone()),
+            None => Ok(crate::knowledge::Embeddings {
+                model: self.model.clone(),
+                vectors: texts.iter().map(|text| self.vector(text)).collect(),
+            }),
+        };
+        Box::pin(std::future::ready(result))
+    }
+}

@@ -55,6 +55,12 @@ pub fn access_for(path: &str) -> Access {
         "medbox.v1.Inference" => Access::Scope("inference"),
         "medbox.v1.Agents" => Access::Scope("agents"),
         "medbox.v1.FineTuning" => Access::Scope("finetune"),
+        // Reading the knowledge base is what agents do; changing it is for
+        // administrators.
+        "medbox.v1.Knowledge" => match path.rsplit('/').next() {
+            Some("Search" | "ListDocuments") => Access::Scope("agents"),
+            _ => Access::Scope("admin"),
+        },
         // Admin, and any path no service knows: only administrators.
         _ => Access::Scope("admin"),
     }
@@ -340,6 +346,17 @@ mod tests {
         check("/medbox.v1.Agents/RunAgent", Access::Scope("agents"));
         check("/medbox.v1.FineTuning/CreateJob", Access::Scope("finetune"));
         check("/medbox.v1.Admin/Status", Access::Scope("admin"));
+        check("/medbox.v1.Knowledge/Search", Access::Scope("agents"));
+        check(
+            "/medbox.v1.Knowledge/ListDocuments",
+            Access::Scope("agents"),
+        );
+        check("/medbox.v1.Knowledge/AddDocument", Access::Scope("admin"));
+        check(
+            "/medbox.v1.Knowledge/DeleteDocument",
+            Access::Scope("admin"),
+        );
+        check("/medbox.v1.Knowledge/Unknown", Access::Scope("admin"));
         check("/some.other.Service/Call", Access::Scope("admin"));
     }
 

@@ -37,6 +37,8 @@ pub struct Config {
     #[serde(default)]
     pub finetune: FinetuneConfig,
     #[serde(default)]
+    pub knowledge: KnowledgeConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
 }
 
@@ -170,6 +172,141 @@ impl FinetuneConfig {
         self.device
             .parse::<Device>()
             .map_err(|reason| ConfigError::BadFinetuneDevice { reason })?;
+        Ok(())
+    }
+}
+
+/// The knowledge base (`[knowledge]`): documents, chunking, ranking.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnowledgeConfig {
+    /// A folder of `.md` and `.txt` documents ingested at every start
+    /// (sub-folders included); a file whose text is already stored (same
+    /// SHA-256) is skipped.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// The model (name or alias) of kind `embedding` that embeds chunks and
+    /// queries. Without it, AddDocument and Search answer FAILED_PRECONDITION.
+    #[serde(default)]
+    pub embedding_model: Option<String>,
+    /// Most estimated tokens of text in one chunk (the title and section
+    /// are embedded with it; MiniLM reads 256 tokens).
+    #[serde(default = "default_chunk_tokens")]
+    pub chunk_tokens: usize,
+    /// Estimated tokens of a chunk's tail repeated at the head of the next.
+    #[serde(default = "default_chunk_overlap_tokens")]
+    pub chunk_overlap_tokens: usize,
+    /// Largest document accepted (AddDocument and files in `dir`).
+    #[serde(default = "default_max_document_bytes")]
+    pub max_document_bytes: usize,
+    /// Weights of the vector and keyword (BM25) rankings' normalised scores
+    /// in the hybrid blend.
+    #[serde(default = "default_ranking_weight")]
+    pub vector_weight: f64,
+    #[serde(default = "default_ranking_weight")]
+    pub keyword_weight: f64,
+    /// Whether the embedding model understands Chinese. When it does not
+    /// (MiniLM), a Chinese query is ranked by its keywords.
+    #[serde(default)]
+    pub multilingual_embeddings: bool,
+}
+
+impl Default for KnowledgeConfig {
+    fn default() -> Self {
+        KnowledgeConfig {
+            dir: None,
+            embedding_model: None,
+            chunk_tokens: default_chunk_tokens(),
+            chunk_overlap_tokens: default_chunk_overlap_tokens(),
+            max_document_bytes: default_max_document_bytes(),
+            vector_weight: default_ranking_weight(),
+            keyword_weight: default_ranking_weight(),
+            multilingual_embeddings: false,
+        }
+    }
+}
+
+fn default_chunk_tokens() -> usize {
+    160
+}
+
+fn default_chunk_overlap_tokens() -> usize {
+    32
+}
+
+fn default_max_document_bytes() -> usize {
+    4 << 20
+}
+
+fn default_ranking_weight() -> f64 {
+    1.0
+}
+
+impl KnowledgeConfig {
+    fn validate(&self, models: &[ValidModelConfig]) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, reason: String| ConfigError::BadKnowledge { key, reason };
+        if !(16..=4096).contains(&self.chunk_tokens) {
+            return Err(bad("chunk_tokens", "must be 16 to 4096".into()));
+        }
+        if self.chunk_overlap_tokens * 2 > self.chunk_tokens {
+            return Err(bad(
+                "chunk_overlap_tokens",
+                format!(
+                    "must be at most half of chunk_tokens ({})",
+                    self.chunk_tokens
+                ),
+            ));
+        }
+        if self.max_document_bytes == 0 {
+            return Err(bad("max_document_bytes", "must be greater than 0".into()));
+        }
+        for (key, weight) in [
+            ("vector_weight", self.vector_weight),
+            ("keyword_weight", self.keyword_weight),
+        ] {
+            if !(weight.is_finite() && weight >= 0.0) {
+                return Err(bad(key, "must be a number ≥ 0".into()));
+            }
+        }
+        if self.vector_weight + self.keyword_weight <= 0.0 {
+            return Err(bad(
+                "vector_weight",
+                "must not be 0 when keyword_weight is 0 too".into(),
+            ));
+        }
+        match &self.embedding_model {
+            None if self.dir.is_some() => {
+                return Err(bad(
+                    "embedding_model",
+                    "must name a model of kind embedding when knowledge.dir is set".into(),
+                ));
+            }
+            Some(name) if name.trim().is_empty() => {
+                return Err(bad("embedding_model", "must not be empty".into()));
+            }
+            Some(name) => {
+                let configured = models.iter().find(|model| {
+                    model.name == *name || model.aliases.iter().any(|alias| alias == name)
+                });
+                if let Some(model) = configured
+                    && model.kind != ModelKind::Embedding
+                {
+                    return Err(bad(
+                        "embedding_model",
+                        format!(
+                            "`{name}` is a {} model; name a model of kind embedding",
+                            model.kind.as_str()
+                        ),
+                    ));
+                }
+            }
+            None => {}
+        }
+        if let Some(dir) = &self.dir
+            && !dir.is_dir()
+        {
+            return Err(bad("dir", format!("{} is not a folder", dir.display())));
+        }
         Ok(())
     }
 }
@@ -463,6 +600,8 @@ pub enum ConfigError {
     ZeroLimit { key: &'static str },
     #[error("finetune.{key} must be greater than 0")]
     ZeroFinetuneSetting { key: &'static str },
+    #[error("knowledge.{key}: {reason}")]
+    BadKnowledge { key: &'static str, reason: String },
     #[error("finetune.device: {reason}")]
     BadFinetuneDevice { reason: String },
     #[error("server.log_format: `{value}` is not one of text, json")]
@@ -692,7 +831,9 @@ impl Config {
                 value: self.server.log_format.clone(),
             });
         }
-        self.valid_models()
+        let models = self.valid_models()?;
+        self.knowledge.validate(&models)?;
+        Ok(models)
     }
 }
 
@@ -816,6 +957,71 @@ mod tests {
             "[server]\nlisten = \"0.0.0.0:50051\"\n",
             "there is no [tls]",
         );
+    }
+
+    #[test]
+    fn knowledge_settings_default_and_are_checked() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.knowledge.dir, None);
+        assert_eq!(config.knowledge.embedding_model, None);
+        assert_eq!(
+            (
+                config.knowledge.chunk_tokens,
+                config.knowledge.chunk_overlap_tokens
+            ),
+            (160, 32)
+        );
+        let model_dir = tempfile::tempdir().unwrap();
+        std::fs::write(model_dir.path().join("config.json"), "{}").unwrap();
+        let models = format!(
+            "[[models]]\nname = \"minilm\"\npath = \"{0}\"\nkind = \"embedding\"\naliases = [\"embedder\"]\n\
+             [[models]]\nname = \"tiny\"\npath = \"{0}\"\n",
+            model_dir.path().display()
+        );
+        let documents = model_dir.path().display().to_string();
+        let config = load(
+            &format!(
+                "[knowledge]\ndir = \"{documents}\"\nembedding_model = \"embedder\"\nchunk_tokens = 200\n{models}"
+            ),
+            &[("MEDBOX__KNOWLEDGE__KEYWORD_WEIGHT", "1.5")],
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.knowledge.keyword_weight, 1.5);
+        let check = |body: &str, expect: &str| {
+            let err = load(&format!("{body}\n{models}"), &[])
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{err} should contain {expect}");
+        };
+        check(
+            "[knowledge]\nembedding_model = \"tiny\"",
+            "knowledge.embedding_model: `tiny` is a causal-lm model",
+        );
+        check(
+            &format!("[knowledge]\ndir = \"{documents}\""),
+            "knowledge.embedding_model: must name a model",
+        );
+        check(
+            "[knowledge]\nembedding_model = \"minilm\"\ndir = \"/no/such/folder\"",
+            "knowledge.dir: /no/such/folder is not a folder",
+        );
+        check(
+            "[knowledge]\nchunk_tokens = 100\nchunk_overlap_tokens = 60",
+            "knowledge.chunk_overlap_tokens: must be at most half",
+        );
+        check(
+            "[knowledge]\nchunk_tokens = 4",
+            "knowledge.chunk_tokens: must be 16 to 4096",
+        );
+        check(
+            "[knowledge]\nvector_weight = 0\nkeyword_weight = 0",
+            "knowledge.vector_weight: must not be 0 when keyword_weight is 0 too",
+        );
+        let err = load("[knowledge]\nfolder = \"x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("folder"), "{err}");
     }
 
     #[test]

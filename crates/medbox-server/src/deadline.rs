@@ -171,6 +171,7 @@ const QUICK_METHODS: &[&str] = &[
     "Admin.CreateApiKey",
     "Admin.RevokeApiKey",
     "Admin.ListApiKeys",
+    "Knowledge.ListDocuments",
 ];
 const QUICK_DEADLINE: Duration = Duration::from_secs(30);
 /// Calls that last as long as their work: watching a training job, and
@@ -180,7 +181,7 @@ const LONG_METHODS: &[(&str, Duration)] = &[
     ("FineTuning.UploadDataset", Duration::from_secs(3600)),
 ];
 /// Services whose methods may be named in `limits.method_timeout_seconds`.
-pub const KNOWN_SERVICES: &[&str] = &["Inference", "Admin", "FineTuning", "Agents"];
+pub const KNOWN_SERVICES: &[&str] = &["Inference", "Admin", "FineTuning", "Agents", "Knowledge"];
 
 impl MethodDeadlines {
     /// `default` for every method not in `QUICK_METHODS` or `configured`.

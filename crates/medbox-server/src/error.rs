@@ -64,6 +64,15 @@ pub enum ApiError {
         "the trainer program (medbox-trainer) is not installed on this box; an administrator must install it"
     )]
     TrainerMissing,
+    /// No usable embedding model for the knowledge base; the message names
+    /// `knowledge.embedding_model`.
+    #[error("{0}")]
+    KnowledgeNotConfigured(String),
+    /// The knowledge base's embedding model is loading, busy or stopping.
+    #[error("{0}")]
+    KnowledgeUnavailable(String),
+    #[error("knowledge document `{0}` does not exist (see ListDocuments)")]
+    DocumentNotFound(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -94,6 +103,9 @@ impl ApiError {
             ApiError::JobFinished { .. } => "job_finished",
             ApiError::JobQueueFull { .. } => "job_queue_full",
             ApiError::TrainerMissing => "trainer_missing",
+            ApiError::KnowledgeNotConfigured(_) => "knowledge_not_configured",
+            ApiError::KnowledgeUnavailable(_) => "knowledge_unavailable",
+            ApiError::DocumentNotFound(_) => "document_not_found",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -122,6 +134,9 @@ impl ApiError {
             ApiError::JobFinished { .. } => Code::FailedPrecondition,
             ApiError::JobQueueFull { .. } => Code::ResourceExhausted,
             ApiError::TrainerMissing => Code::FailedPrecondition,
+            ApiError::KnowledgeNotConfigured(_) => Code::FailedPrecondition,
+            ApiError::KnowledgeUnavailable(_) => Code::Unavailable,
+            ApiError::DocumentNotFound(_) => Code::NotFound,
             ApiError::Internal(_) => Code::Internal,
         }
     }

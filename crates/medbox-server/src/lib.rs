@@ -15,6 +15,7 @@ mod error;
 mod finetuning;
 mod inference;
 mod jobs;
+mod knowledge;
 mod limits;
 mod metrics;
 mod request_log;

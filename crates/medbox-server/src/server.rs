@@ -5,7 +5,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use medbox_proto::v1::{
     admin_server::AdminServer, fine_tuning_server::FineTuningServer,
-    inference_server::InferenceServer,
+    inference_server::InferenceServer, knowledge_server::KnowledgeServer,
 };
 use medbox_store::{NewApiKey, NewModel, Store, StoreError};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -20,6 +20,7 @@ use crate::{
     finetuning::{FineTuningService, FinetuneStartError},
     inference::InferenceService,
     jobs::JobGauge,
+    knowledge::{KnowledgeContext, KnowledgeService},
     limits::{AdmissionLayer, KeyLimiter, KeyLimits},
     metrics::{self, Metrics},
     request_log::RequestLogger,
@@ -157,7 +158,9 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         );
     }
 
-    let router = Arc::new(ModelRouter::new(models));
+    let router = Arc::new(ModelRouter::new(models.clone()));
+    let knowledge =
+        KnowledgeContext::open(&config.knowledge, &models, router.clone(), store.clone()).await?;
     let limits = &config.limits;
     let limiter = Arc::new(KeyLimiter::new(KeyLimits {
         requests_per_second: limits.requests_per_second,
@@ -189,15 +192,22 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .set_not_serving::<InferenceServer<InferenceService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    health
+        .set_serving::<KnowledgeServer<KnowledgeService>>()
+        .await;
     let loader = {
         let router = router.clone();
         let health = health.clone();
+        let knowledge = knowledge.clone();
         tokio::spawn(async move {
             router.load_all().await;
             health
                 .set_serving::<InferenceServer<InferenceService>>()
                 .await;
             tracing::info!("all configured models tried; Inference is SERVING");
+            // The embedding model is loaded (or failed) now: re-embed what
+            // another model embedded, then ingest [knowledge] dir.
+            knowledge.ingest_at_start().await;
         })
     };
 
@@ -304,6 +314,10 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
                 finetuning.context.clone(),
             ))
             .max_decoding_message_size(max_bytes),
+        )
+        .add_service(
+            KnowledgeServer::new(KnowledgeService::new(state.clone(), knowledge))
+                .max_decoding_message_size(max_bytes),
         )
         .add_service(
             AdminServer::new(AdminService::new(state)).max_decoding_message_size(max_bytes),

@@ -6,7 +6,8 @@
 //! per-RPC request log ([`request_log`]), API keys ([`api_keys`]), the
 //! hash-chained audit trail ([`audit`]), and fine-tuning: uploaded datasets
 //! ([`datasets`]), jobs with their append-only events ([`jobs`]) and the
-//! model versions they produce ([`model_versions`]).
+//! model versions they produce ([`model_versions`]); and the knowledge base's
+//! documents with their embedded chunks ([`knowledge`]).
 //!
 //! **Architecture Invariant:** only this crate knows SQL. Callers see typed
 //! records and [`StoreError`]; no SQL string, row or pool crosses the API.
@@ -55,6 +56,7 @@ pub mod audit;
 pub mod datasets;
 mod error;
 pub mod jobs;
+pub mod knowledge;
 pub mod model_versions;
 pub mod models;
 pub mod request_log;
@@ -76,6 +78,10 @@ pub use datasets::{DatasetRecord, DatasetState, NewDataset};
 pub use error::StoreError;
 pub use jobs::{
     JobEventKind, JobEventRecord, JobFilter, JobRecord, JobState, JobTransition, NewJob,
+};
+pub use knowledge::{
+    KnowledgeChunkRecord, KnowledgeDocumentRecord, KnowledgeInsert, NewKnowledgeChunk,
+    NewKnowledgeDocument,
 };
 pub use model_versions::{ModelVersionRecord, NewModelVersion};
 pub use models::{ModelRecord, NewModel};

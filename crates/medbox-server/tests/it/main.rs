@@ -19,6 +19,7 @@ use tonic::{
 
 mod authorization;
 mod finetuning;
+mod knowledge;
 mod limits;
 mod tls;
 

@@ -33,6 +33,7 @@ macro_rules! on_both_backends {
 mod api_keys;
 mod audit;
 mod finetuning;
+mod knowledge;
 mod migrations;
 mod models;
 mod open;
