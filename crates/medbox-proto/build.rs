@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "medbox/v1/inference.proto",
         "medbox/v1/admin.proto",
         "medbox/v1/finetuning.proto",
+        "medbox/v1/agents.proto",
     ];
     // Each file and the folder (a new file), so that every build sees an edit.
     println!(

@@ -64,6 +64,12 @@ pub enum ApiError {
         "the trainer program (medbox-trainer) is not installed on this box; an administrator must install it"
     )]
     TrainerMissing,
+    #[error("agent `{0}` does not exist (see ListAgents)")]
+    AgentNotFound(String),
+    #[error("agent `{0}` already exists; use UpdateAgent")]
+    AgentExists(String),
+    #[error("session `{0}` does not exist (see CreateSession)")]
+    SessionNotFound(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -94,6 +100,9 @@ impl ApiError {
             ApiError::JobFinished { .. } => "job_finished",
             ApiError::JobQueueFull { .. } => "job_queue_full",
             ApiError::TrainerMissing => "trainer_missing",
+            ApiError::AgentNotFound(_) => "agent_not_found",
+            ApiError::AgentExists(_) => "agent_exists",
+            ApiError::SessionNotFound(_) => "session_not_found",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -122,6 +131,9 @@ impl ApiError {
             ApiError::JobFinished { .. } => Code::FailedPrecondition,
             ApiError::JobQueueFull { .. } => Code::ResourceExhausted,
             ApiError::TrainerMissing => Code::FailedPrecondition,
+            ApiError::AgentNotFound(_) => Code::NotFound,
+            ApiError::AgentExists(_) => Code::AlreadyExists,
+            ApiError::SessionNotFound(_) => Code::NotFound,
             ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -156,6 +168,13 @@ mod tests {
         ));
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn not_found_names_the_agent() {
+        let status = Status::from(ApiError::AgentNotFound("radiology_report".into()));
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().contains("radiology_report"));
     }
 
     #[test]

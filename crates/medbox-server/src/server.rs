@@ -3,8 +3,9 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use medbox_agents::{ToolRegistry, context::ContextTool};
 use medbox_proto::v1::{
-    admin_server::AdminServer, fine_tuning_server::FineTuningServer,
+    admin_server::AdminServer, agents_server::AgentsServer, fine_tuning_server::FineTuningServer,
     inference_server::InferenceServer,
 };
 use medbox_store::{NewApiKey, NewModel, Store, StoreError};
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin::AdminService,
+    agents::{AgentCatalog, AgentsService, AgentsStartError, RuntimeModel},
     auth::{AuthLayer, Gatekeeper},
     config::{Config, ConfigError, ValidModelConfig},
     deadline::{DeadlineLayer, MethodDeadlines, RequestIdLayer},
@@ -63,6 +65,8 @@ pub enum StartError {
     Tls(String),
     #[error("finetune: {0}")]
     Finetune(#[from] FinetuneStartError),
+    #[error(transparent)]
+    Agents(#[from] AgentsStartError),
     #[error("cannot write the first admin key to {path}: {source}")]
     AdminKeyFile {
         path: std::path::PathBuf,
@@ -120,6 +124,16 @@ impl RunningServer {
 /// serving. Models load in the background; `Inference` reports NOT_SERVING to
 /// health checks until every configured model has been tried.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    start_with_agent_tools(config, Vec::new()).await
+}
+
+/// [`start`], with context tools every agent run gets besides the built-in
+/// ones (the patient tools and `schedule_follow_up`); a spec may list a tool
+/// only if it is built in or given here (e.g. `knowledge_search`).
+pub async fn start_with_agent_tools(
+    config: Config,
+    shared_agent_tools: Vec<Arc<dyn ContextTool>>,
+) -> Result<RunningServer, StartError> {
     let models = config.validate()?;
     let addr = config.listen_addr()?;
     let listener = TcpListener::bind(addr)
@@ -157,6 +171,20 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         );
     }
 
+    let shared_tool_names: Vec<String> = shared_agent_tools
+        .iter()
+        .map(|tool| tool.name().to_owned())
+        .collect();
+    // A bad spec stops the start here, naming the file, the field and why.
+    let catalog = Arc::new(
+        AgentCatalog::load(
+            &config.agents,
+            &store,
+            Arc::new(ToolRegistry::medical()),
+            &shared_tool_names,
+        )
+        .await?,
+    );
     let router = Arc::new(ModelRouter::new(models));
     let limits = &config.limits;
     let limiter = Arc::new(KeyLimiter::new(KeyLimits {
@@ -189,6 +217,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .set_not_serving::<InferenceServer<InferenceService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<AgentsServer<AgentsService>>().await;
     let loader = {
         let router = router.clone();
         let health = health.clone();
@@ -302,6 +331,16 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             FineTuningServer::new(FineTuningService::new(
                 state.clone(),
                 finetuning.context.clone(),
+            ))
+            .max_decoding_message_size(max_bytes),
+        )
+        .add_service(
+            AgentsServer::new(AgentsService::new(
+                state.clone(),
+                catalog,
+                Arc::new(RuntimeModel::new(router.clone(), &config.agents)),
+                shared_agent_tools,
+                &config.agents,
             ))
             .max_decoding_message_size(max_bytes),
         )
