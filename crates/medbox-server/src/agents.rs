@@ -124,6 +124,19 @@ fn model_error(route: &str, error: ApiError) -> ModelError {
     }
 }
 
+/// The step schema as the decoder takes it: compact JSON, and `oneOf` read
+/// as `anyOf` (the step schema's branches are disjoint, and llguidance
+/// enforces `oneOf` only that way).
+fn constraint_schema(mut schema: Value) -> Value {
+    if let Value::Object(map) = &mut schema {
+        map.insert(
+            "x-guidance".to_owned(),
+            json!({"whitespace_flexible": false, "coerce_one_of": true}),
+        );
+    }
+    schema
+}
+
 /// Chat roles as the runtime's templates know them; a tool result is shown
 /// as a user message that says so, since not every template has a tool role.
 fn chat_messages(messages: &[Message]) -> Vec<ChatMessage> {
@@ -149,7 +162,7 @@ impl AgentModel for RuntimeModel {
             route: turn.route.clone(),
             reason,
         };
-        let schema = turn.response_schema.to_string();
+        let schema = constraint_schema(turn.response_schema).to_string();
         let mut messages = chat_messages(&turn.messages);
         let mut max_tokens = turn.max_tokens;
         // Fit the context: give the answer the room that is left, and leave
