@@ -82,9 +82,8 @@ pub async fn agents(client: &Client, command: &AgentsCommand, as_json: bool) -> 
             let patient_bundle_json = patient_bundle
                 .as_ref()
                 .map(|path| {
-                    std::fs::read_to_string(path).with_context(|| {
-                        format!("cannot read --patient-bundle {}", path.display())
-                    })
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read --patient-bundle {}", path.display()))
                 })
                 .transpose()?;
             let response = agents
@@ -125,7 +124,11 @@ pub async fn agents(client: &Client, command: &AgentsCommand, as_json: bool) -> 
                         "model" => format!("model {}", step.model),
                         other => other.to_owned(),
                     };
-                    let outcome = if step.error.is_empty() { "ok" } else { "refused" };
+                    let outcome = if step.error.is_empty() {
+                        "ok"
+                    } else {
+                        "refused"
+                    };
                     eprintln!("  {what:<40} {outcome:<8} {} ms", step.elapsed_ms);
                 }
                 eprintln!(

@@ -140,7 +140,10 @@ async fn agents_every_bundled_agent_answers_valid_against_its_schema() {
         let output: Value = serde_json::from_str(&response.output_json).unwrap();
         let schema: Value = serde_json::from_str(&agent.output_schema_json).unwrap();
         let validator = jsonschema::validator_for(&schema).unwrap();
-        let errors: Vec<String> = validator.iter_errors(&output).map(|e| e.to_string()).collect();
+        let errors: Vec<String> = validator
+            .iter_errors(&output)
+            .map(|e| e.to_string())
+            .collect();
         assert!(errors.is_empty(), "{}: {errors:?}", agent.id);
         assert_eq!(response.models, ["tiny"], "{}", agent.id);
         let last = response.steps.last().unwrap();
@@ -154,11 +157,20 @@ async fn agents_every_bundled_agent_answers_valid_against_its_schema() {
                 .iter()
                 .find(|s| s.required && &s.tool == required)
                 .unwrap_or_else(|| panic!("{}: no {required} step", agent.id));
-            assert!(step.error.is_empty(), "{}: {required}: {}", agent.id, step.error);
+            assert!(
+                step.error.is_empty(),
+                "{}: {required}: {}",
+                agent.id,
+                step.error
+            );
             assert!(!step.arguments_json.is_empty() && !step.result_json.is_empty());
         }
         if !agent.tools.is_empty() {
-            assert!(tool_results > 0, "{}: no tool result in the trace", agent.id);
+            assert!(
+                tool_results > 0,
+                "{}: no tool result in the trace",
+                agent.id
+            );
         }
     }
     println!("\n| agent | tools | status | model steps | tool results | run time |");
@@ -166,7 +178,10 @@ async fn agents_every_bundled_agent_answers_valid_against_its_schema() {
     for row in &table {
         println!("{row}");
     }
-    assert!(failures.is_empty(), "runs that did not complete: {failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "runs that did not complete: {failures:#?}"
+    );
     test.server.shutdown().await.unwrap();
 }
 
@@ -181,7 +196,10 @@ async fn agents_sessions_streams_and_errors() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    assert!(status.message().contains("radiology_superhuman"), "{status:?}");
+    assert!(
+        status.message().contains("radiology_superhuman"),
+        "{status:?}"
+    );
     let mut bad_bundle = run_request("triage", example("triage"));
     bad_bundle.patient_bundle_json = Some(
         r#"{"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient"}},
@@ -277,7 +295,9 @@ async fn agents_sessions_streams_and_errors() {
     assert_eq!(updated.agent.unwrap().version, 2);
     let status = client
         .create_agent(pb::CreateAgentRequest {
-            spec_toml: got.spec_toml.replace("tools = []", "tools = [\"crystal_ball\"]"),
+            spec_toml: got
+                .spec_toml
+                .replace("tools = []", "tools = [\"crystal_ball\"]"),
         })
         .await
         .unwrap_err();
