@@ -65,6 +65,14 @@ for part in torch/lib nvidia; do
 done
 install -m 0644 "$src/README.md" "$prefix/share/doc/medbox/README.md"
 
+# The agent catalogue: one spec file per agent, replaced as a whole.
+say "installing agent specs into $prefix/share/medbox/agents"
+rm -rf "$prefix/share/medbox/.agents.new"
+install -d -m 0755 "$prefix/share/medbox/.agents.new"
+install -m 0644 "$src"/crates/medbox-agents/specs/*.toml "$prefix/share/medbox/.agents.new/"
+rm -rf "$prefix/share/medbox/agents"
+mv "$prefix/share/medbox/.agents.new" "$prefix/share/medbox/agents"
+
 example="$src/deploy/config/$profile.toml"
 if [ -f "$config" ]; then
   if ! cmp -s "$example" "$config"; then

@@ -47,6 +47,8 @@ def pb(tmp_path_factory):
         inference_pb2_grpc = importlib.import_module("medbox.v1.inference_pb2_grpc")
         admin_pb2 = importlib.import_module("medbox.v1.admin_pb2")
         admin_pb2_grpc = importlib.import_module("medbox.v1.admin_pb2_grpc")
+        agents_pb2 = importlib.import_module("medbox.v1.agents_pb2")
+        agents_pb2_grpc = importlib.import_module("medbox.v1.agents_pb2_grpc")
 
     return Stubs
 

@@ -13,6 +13,11 @@
 //!   tools, feeds results and refusals back, and ends at a valid final answer,
 //!   the step limit, the deadline or a model error, with the whole trace.
 //! - [`session`]: multi-turn history handed to the next run.
+//! - [`context`]: per-run tools ([`context::ContextTool`], async, may do I/O)
+//!   beside the static registry: the patient tools, the server's
+//!   `schedule_follow_up`, a knowledge-base `knowledge_search`.
+//! - [`patient`]: a FHIR R4 Bundle parsed into a [`patient::PatientRecord`]
+//!   and the patient tools that read it (age, sex, allergies, drugs, eGFR).
 //! - [`test_support`]: a scripted model double and a tiny executor.
 //! - The [`Tool`] trait, the [`ToolRegistry`] that agents pick their tools
 //!   from, and the deterministic medical tools: clinical [`calculators`],
@@ -53,12 +58,14 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub mod calculators;
+pub mod context;
 pub mod drug_interactions;
 pub mod icd10;
 pub mod identifiers;
 pub mod knowledge;
 pub mod lab_ranges;
 pub mod model;
+pub mod patient;
 pub mod record_rules;
 pub mod session;
 pub mod spec;

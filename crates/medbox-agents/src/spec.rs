@@ -9,12 +9,20 @@
 //! name_en = "Lab report interpretation"
 //! description = "…"
 //! system_prompt = """…"""
-//! tools = ["lab_interpret", "lab_unit_convert"]   # names in the ToolRegistry; may be empty
+//! tools = ["lab_interpret", "lab_unit_convert"]   # registry or context tool names; may be empty
+//! optional_tools = ["knowledge_search"] # optional: used when the server registered them, else left out
 //! max_steps = 6                          # model calls per run, 1 to 64
 //! timeout_seconds = 60                   # 1 to 3600
 //! max_tokens = 1024                      # optional: tokens per model step, default 1024
 //! input_schema = '''{ "type": "object", … }'''   # JSON Schema, as a JSON string
 //! output_schema = '''{ "type": "object", … }'''  # JSON Schema, as a JSON string
+//!
+//! [[required_tools]]                     # optional: run before the first model step
+//! tool = "lab_interpret"                 # one of `tools`
+//! # JSON object; a string "$input/ptr" is replaced by the input's value at
+//! # JSON pointer /ptr ("$input" alone: the whole input); the arguments may
+//! # also be such a string alone, e.g. '"$input/braden"'.
+//! arguments = '''{"sex": "$input/patient/sex", "results": "$input/results"}'''
 //!
 //! [routes]                               # model (name or alias) per step kind
 //! default = "medical"                    # required: any step not routed below
@@ -97,6 +105,12 @@ pub enum SpecProblem {
     SchemaRef(String),
     #[error("id `{id}` is already defined in `{first_file}`")]
     DuplicateId { id: String, first_file: String },
+    #[error("tool `{0}` is not among the agent's `tools`")]
+    RequiredToolNotListed(String),
+    #[error(
+        "must be a JSON object, or a string \"$input/pointer\" naming an object of the input: {0}"
+    )]
+    ArgumentsNotObject(String),
 }
 
 impl SpecError {
@@ -158,10 +172,86 @@ struct SpecFile {
     output_schema: String,
     system_prompt: String,
     tools: Vec<String>,
+    #[serde(default)]
+    optional_tools: Vec<String>,
+    #[serde(default)]
+    required_tools: Vec<RequiredToolFile>,
     routes: Routes,
     max_steps: u32,
     timeout_seconds: u64,
     max_tokens: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequiredToolFile {
+    tool: String,
+    arguments: String,
+}
+
+/// A tool the orchestrator calls before the first model step, with
+/// arguments taken from the run's input: deterministic evidence the agent
+/// always needs (lab flags, record rules), so the model reasons over real
+/// tool results even when it would not have asked for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequiredTool {
+    pub tool: String,
+    /// A JSON template: strings `"$input/pointer"` are replaced from the input.
+    pub arguments: Value,
+}
+
+/// The prefix of a template string taken from the input.
+const INPUT_REFERENCE: &str = "$input";
+
+impl RequiredTool {
+    /// The arguments for this input; `Err` names the JSON pointer the input lacks.
+    pub fn arguments_for(&self, input: &Value) -> Result<Value, String> {
+        fill_template(&self.arguments, input)
+    }
+}
+
+fn fill_template(template: &Value, input: &Value) -> Result<Value, String> {
+    match template {
+        Value::String(text) => match text.strip_prefix(INPUT_REFERENCE) {
+            Some(pointer) if pointer.is_empty() || pointer.starts_with('/') => input
+                .pointer(pointer)
+                .cloned()
+                .ok_or_else(|| pointer.to_owned()),
+            _ => Ok(template.clone()),
+        },
+        Value::Array(items) => items
+            .iter()
+            .map(|item| fill_template(item, input))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
+        Value::Object(map) => map
+            .iter()
+            .map(|(key, value)| Ok((key.clone(), fill_template(value, input)?)))
+            .collect::<Result<serde_json::Map<_, _>, String>>()
+            .map(Value::Object),
+        other => Ok(other.clone()),
+    }
+}
+
+/// The tool names a spec may list: the static registry's and the context
+/// tools the server registers for every run.
+#[derive(Clone, Copy)]
+pub struct KnownTools<'a> {
+    pub registry: &'a ToolRegistry,
+    pub context: &'a [&'a str],
+}
+
+impl KnownTools<'_> {
+    fn contains(&self, name: &str) -> bool {
+        self.registry.get(name).is_some() || self.context.contains(&name)
+    }
+
+    fn names(&self) -> String {
+        let mut names: Vec<&str> = self.registry.names();
+        names.extend(self.context.iter().copied());
+        names.sort_unstable();
+        names.join(", ")
+    }
 }
 
 /// A JSON Schema with its compiled validator.
@@ -206,10 +296,12 @@ pub struct AgentSpec {
     output_schema: CompiledSchema,
     system_prompt: String,
     tools: Vec<String>,
+    required_tools: Vec<RequiredTool>,
     routes: Routes,
     max_steps: u32,
     timeout_seconds: u64,
     max_tokens: u32,
+    source: String,
 }
 
 impl AgentSpec {
@@ -219,8 +311,31 @@ impl AgentSpec {
         text: &str,
         registry: &ToolRegistry,
     ) -> Result<AgentSpec, SpecError> {
+        let known = KnownTools {
+            registry,
+            context: &[],
+        };
+        AgentSpec::from_toml_str_with(name, text, known)
+    }
+
+    /// Parses and validates one spec whose tools may also be context tools.
+    pub fn from_toml_str_with(
+        name: &str,
+        text: &str,
+        known: KnownTools<'_>,
+    ) -> Result<AgentSpec, SpecError> {
         let file = parse_toml(name, text)?;
-        validate(name, file, registry)
+        validate(name, text, file, known)
+    }
+
+    /// The TOML text the spec was read from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Tools the orchestrator runs before the first model step.
+    pub fn required_tools(&self) -> &[RequiredTool] {
+        &self.required_tools
     }
 
     pub fn id(&self) -> &str {
@@ -270,6 +385,17 @@ impl AgentSpec {
 /// Loads every `*.toml` file in `dir` (not recursing), sorted by file name;
 /// refuses the first bad spec and a second spec with an id already loaded.
 pub fn load_specs_dir(dir: &Path, registry: &ToolRegistry) -> Result<Vec<AgentSpec>, SpecError> {
+    load_specs_dir_with(
+        dir,
+        KnownTools {
+            registry,
+            context: &[],
+        },
+    )
+}
+
+/// [`load_specs_dir`] where specs may also list these context tools.
+pub fn load_specs_dir_with(dir: &Path, known: KnownTools<'_>) -> Result<Vec<AgentSpec>, SpecError> {
     let dir_name = dir.display().to_string();
     let unreadable = |error: std::io::Error| {
         SpecError::new(
@@ -297,7 +423,7 @@ pub fn load_specs_dir(dir: &Path, registry: &ToolRegistry) -> Result<Vec<AgentSp
         let text = std::fs::read_to_string(&path).map_err(|error| {
             SpecError::new(&name, "(file)", SpecProblem::Unreadable(error.to_string()))
         })?;
-        let spec = AgentSpec::from_toml_str(&name, &text, registry)?;
+        let spec = AgentSpec::from_toml_str_with(&name, &text, known)?;
         if let Some(first_file) = files_by_id.get(spec.id()) {
             return Err(SpecError::new(
                 &name,
@@ -345,7 +471,12 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn validate(name: &str, file: SpecFile, registry: &ToolRegistry) -> Result<AgentSpec, SpecError> {
+fn validate(
+    name: &str,
+    source: &str,
+    file: SpecFile,
+    known: KnownTools<'_>,
+) -> Result<AgentSpec, SpecError> {
     let error = |field: &str, problem| Err(SpecError::new(name, field, problem));
     if !is_id(&file.id) {
         return error("id", SpecProblem::BadId(file.id));
@@ -402,18 +533,57 @@ fn validate(name: &str, file: SpecFile, registry: &ToolRegistry) -> Result<Agent
     let mut seen = BTreeSet::new();
     for (index, tool) in file.tools.iter().enumerate() {
         let field = format!("tools[{index}]");
-        if registry.get(tool).is_none() {
+        if !known.contains(tool) {
             return error(
                 &field,
                 SpecProblem::UnknownTool {
                     tool: tool.clone(),
-                    available: registry.names().join(", "),
+                    available: known.names(),
                 },
             );
         }
         if !seen.insert(tool.as_str()) {
             return error(&field, SpecProblem::DuplicateTool(tool.clone()));
         }
+    }
+    let mut tools = file.tools.clone();
+    for (index, tool) in file.optional_tools.iter().enumerate() {
+        let field = format!("optional_tools[{index}]");
+        if !is_id(tool) {
+            return error(&field, SpecProblem::BadId(tool.clone()));
+        }
+        if !seen.insert(tool.as_str()) {
+            return error(&field, SpecProblem::DuplicateTool(tool.clone()));
+        }
+        // An optional tool the box does not have is left out.
+        if known.contains(tool) {
+            tools.push(tool.clone());
+        }
+    }
+    let mut required_tools = Vec::with_capacity(file.required_tools.len());
+    for (index, required) in file.required_tools.iter().enumerate() {
+        if !file.tools.contains(&required.tool) {
+            return error(
+                &format!("required_tools[{index}].tool"),
+                SpecProblem::RequiredToolNotListed(required.tool.clone()),
+            );
+        }
+        let field = format!("required_tools[{index}].arguments");
+        let arguments: Value = serde_json::from_str(&required.arguments)
+            .map_err(|e| SpecError::new(name, &field, SpecProblem::SchemaNotJson(e.to_string())))?;
+        let whole_input_value = arguments
+            .as_str()
+            .is_some_and(|text| text.starts_with(INPUT_REFERENCE));
+        if !arguments.is_object() && !whole_input_value {
+            return error(
+                &field,
+                SpecProblem::ArgumentsNotObject(one_line(&required.arguments)),
+            );
+        }
+        required_tools.push(RequiredTool {
+            tool: required.tool.clone(),
+            arguments,
+        });
     }
     let input_schema = compile_schema(name, "input_schema", &file.input_schema)?;
     let output_schema = compile_schema(name, "output_schema", &file.output_schema)?;
@@ -429,11 +599,13 @@ fn validate(name: &str, file: SpecFile, registry: &ToolRegistry) -> Result<Agent
         input_schema,
         output_schema,
         system_prompt: file.system_prompt,
-        tools: file.tools,
+        tools,
+        required_tools,
         routes: file.routes,
         max_steps: file.max_steps,
         timeout_seconds: file.timeout_seconds,
         max_tokens,
+        source: source.to_owned(),
     })
 }
 

@@ -10,6 +10,12 @@
 //! **Architecture Invariant:** a run with status [`RunStatus::Completed`] has
 //! an output valid against the agent's output schema; no other run has one.
 //!
+//! Before the first model step the orchestrator runs the spec's
+//! `required_tools` with arguments taken from the input; their results are
+//! in the trace (marked `required`) and in the conversation. The last step
+//! the step limit allows admits only a final answer, so that a run ends with
+//! an answer whenever the model can write one.
+//!
 //! Routes: the first model step takes `routes.extract`, a step after a tool
 //! result `routes.reason`, a step after a refusal or a tool error
 //! `routes.repair`; each falls back to `routes.default`.
@@ -19,6 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::ToolRegistry;
+use crate::context::{ContextTools, Toolbox};
 use crate::model::{AgentModel, Message, ModelError, ModelTurn, Role};
 use crate::spec::{AgentSpec, RouteKind};
 
@@ -61,6 +68,8 @@ pub struct Step {
     /// Why the step failed or was refused, as fed back to the model.
     pub error: Option<String>,
     pub elapsed: Duration,
+    /// A tool step the orchestrator ran before the first model step.
+    pub required: bool,
 }
 
 impl Step {
@@ -75,6 +84,7 @@ impl Step {
             result: None,
             error: None,
             elapsed,
+            required: false,
         }
     }
 }
@@ -126,26 +136,35 @@ pub enum RunError {
 /// the agent's output schema. The branches are disjoint (distinct `tool`
 /// constants, distinct required keys), so a decoder may treat `oneOf` as `anyOf`.
 pub fn build_step_schema(spec: &AgentSpec, registry: &ToolRegistry) -> Value {
+    build_step_schema_with(spec, Toolbox::new(registry, &ContextTools::new()))
+}
+
+/// [`build_step_schema`] over a run's whole toolbox.
+pub fn build_step_schema_with(spec: &AgentSpec, toolbox: Toolbox<'_>) -> Value {
     let tool_branches = spec.tools().iter().filter_map(|name| {
-        let tool = registry.get(name)?;
+        let tool = toolbox.describe(name)?;
         Some(json!({
             "type": "object",
             "properties": {
                 "tool": {"const": name},
-                "arguments": tool.parameters_schema(),
+                "arguments": tool.parameters,
             },
             "required": ["tool", "arguments"],
             "additionalProperties": false,
         }))
     });
-    let final_branch = json!({
+    let branches: Vec<Value> = tool_branches.chain([final_only_schema(spec)]).collect();
+    json!({"oneOf": branches})
+}
+
+/// The schema of the last step a run allows: a final answer only.
+pub fn final_only_schema(spec: &AgentSpec) -> Value {
+    json!({
         "type": "object",
         "properties": {"final": spec.output_schema().schema()},
         "required": ["final"],
         "additionalProperties": false,
-    });
-    let branches: Vec<Value> = tool_branches.chain([final_branch]).collect();
-    json!({"oneOf": branches})
+    })
 }
 
 /// Runs an agent to its end. See [`run_agent_streaming`].
@@ -173,25 +192,98 @@ pub async fn run_agent_streaming(
     deadline: Instant,
     on_step: &mut (dyn FnMut(&Step) + Send),
 ) -> Result<AgentRun, RunError> {
+    let context = ContextTools::new();
+    run_agent_with(
+        spec,
+        Toolbox::new(registry, &context),
+        model,
+        input,
+        history,
+        deadline,
+        on_step,
+    )
+    .await
+}
+
+/// Runs an agent with the static registry and this run's context tools,
+/// handing each step to `on_step` as soon as it is recorded. The effective
+/// deadline is the earlier of `deadline` and the spec's timeout from now.
+/// The input is checked against the input schema first; a bad input is
+/// refused before any tool or model call.
+pub async fn run_agent_with(
+    spec: &AgentSpec,
+    toolbox: Toolbox<'_>,
+    model: &impl AgentModel,
+    input: Value,
+    history: &[Message],
+    deadline: Instant,
+    on_step: &mut (dyn FnMut(&Step) + Send),
+) -> Result<AgentRun, RunError> {
     let started = Instant::now();
     let deadline = deadline.min(started + Duration::from_secs(spec.timeout_seconds()));
     check_input(spec, &input)?;
-    let step_schema = build_step_schema(spec, registry);
-    let mut messages = opening_messages(spec, registry, &input, history);
+    let step_schema = build_step_schema_with(spec, toolbox);
+    let last_step_schema = final_only_schema(spec);
+    let mut messages = opening_messages(spec, toolbox, &input, history);
     let mut trace = Trace {
         steps: Vec::new(),
         on_step,
     };
+    for required in spec.required_tools() {
+        if Instant::now() >= deadline {
+            return Ok(trace.finish(RunStatus::Deadline, None));
+        }
+        let tool_started = Instant::now();
+        let outcome = match required.arguments_for(&input) {
+            Ok(arguments) => {
+                let result = toolbox
+                    .call(&required.tool, &arguments)
+                    .await
+                    .map_err(|error| error.to_string());
+                (Some(arguments), result)
+            }
+            Err(pointer) => (
+                None,
+                Err(format!("not run: the input has no value at `{pointer}`")),
+            ),
+        };
+        let mut tool_step = Step::new(StepKind::Tool, tool_started.elapsed());
+        tool_step.required = true;
+        tool_step.tool = Some(required.tool.clone());
+        let observation = match &outcome.1 {
+            Ok(result) => json!({"tool": required.tool, "result": result}),
+            Err(error) => json!({"tool": required.tool, "error": error}),
+        };
+        tool_step.arguments = outcome.0;
+        match outcome.1 {
+            Ok(result) => tool_step.result = Some(result),
+            Err(error) => tool_step.error = Some(error),
+        }
+        trace.push(tool_step);
+        messages.push(Message::new(Role::Tool, observation.to_string()));
+    }
     let mut route_kind = RouteKind::Extract;
-    for _ in 0..spec.max_steps() {
+    for step_index in 0..spec.max_steps() {
         if Instant::now() >= deadline {
             return Ok(trace.finish(RunStatus::Deadline, None));
         }
         let route = spec.routes().route_for(route_kind).to_owned();
+        let is_last = step_index + 1 == spec.max_steps();
+        let mut turn_messages = messages.clone();
+        if is_last && step_index > 0 {
+            turn_messages.push(Message::new(
+                Role::User,
+                "This is the last step: answer now with {\"final\": …}.",
+            ));
+        }
         let turn = ModelTurn {
             route: route.clone(),
-            messages: messages.clone(),
-            response_schema: step_schema.clone(),
+            messages: turn_messages,
+            response_schema: if is_last {
+                last_step_schema.clone()
+            } else {
+                step_schema.clone()
+            },
             max_tokens: spec.max_tokens(),
             deadline,
         };
@@ -224,8 +316,9 @@ pub async fn run_agent_streaming(
             Ok(Answer::Tool { name, arguments }) => {
                 let tool_started = Instant::now();
                 let outcome = if spec.tools().contains(&name) {
-                    registry
+                    toolbox
                         .call(&name, &arguments)
+                        .await
                         .map_err(|error| error.to_string())
                 } else {
                     Err(format!(
@@ -337,7 +430,7 @@ fn tool_list(spec: &AgentSpec) -> String {
 
 fn opening_messages(
     spec: &AgentSpec,
-    registry: &ToolRegistry,
+    toolbox: Toolbox<'_>,
     input: &Value,
     history: &[Message],
 ) -> Vec<Message> {
@@ -351,12 +444,14 @@ fn opening_messages(
              Use a tool for anything it can decide (a flag, a score, a deadline, a check) \
              and report its result rather than your own estimate.\n",
         );
-        for tool in spec.tools().iter().filter_map(|name| registry.get(name)) {
+        for tool in spec
+            .tools()
+            .iter()
+            .filter_map(|name| toolbox.describe(name))
+        {
             system.push_str(&format!(
                 "- `{}`: {}\n  arguments schema: {}\n",
-                tool.name(),
-                tool.description(),
-                tool.parameters_schema()
+                tool.name, tool.description, tool.parameters
             ));
         }
     }

@@ -150,3 +150,32 @@ impl crate::knowledge::Embedder for HashingEmbedder {
         Box::pin(std::future::ready(result))
     }
 }
+/// A FHIR R4 Bundle for tests and examples: a 68-year-old woman (born
+/// 1957-06-15) with hypertension and type 2 diabetes, on metformin and
+/// amlodipine, allergic to penicillin, with two creatinine results (the
+/// newer, 1.3 mg/dL, is the one eGFR uses) and an HbA1c.
+pub const EXAMPLE_BUNDLE: &str = r#"{
+  "resourceType": "Bundle",
+  "type": "collection",
+  "entry": [
+    {"resource": {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1957-06-15"}},
+    {"resource": {"resourceType": "Condition", "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "I10", "display": "Essential hypertension"}], "text": "高血压"},
+      "clinicalStatus": {"coding": [{"code": "active"}]}}},
+    {"resource": {"resourceType": "Condition", "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "E11.9", "display": "Type 2 diabetes mellitus"}]}}},
+    {"resource": {"resourceType": "MedicationStatement", "status": "active",
+      "medicationCodeableConcept": {"text": "metformin"}, "dosage": [{"text": "500 mg twice daily"}]}},
+    {"resource": {"resourceType": "MedicationStatement", "status": "active",
+      "medicationCodeableConcept": {"coding": [{"display": "amlodipine"}]}}},
+    {"resource": {"resourceType": "MedicationStatement", "status": "completed",
+      "medicationCodeableConcept": {"text": "amoxicillin"}}},
+    {"resource": {"resourceType": "AllergyIntolerance", "code": {"text": "penicillin"}, "criticality": "high",
+      "reaction": [{"manifestation": [{"text": "urticaria"}]}]}},
+    {"resource": {"resourceType": "Observation", "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0", "display": "Creatinine"}]},
+      "valueQuantity": {"value": 1.0, "unit": "mg/dL"}, "effectiveDateTime": "2025-01-10T08:00:00+08:00"}},
+    {"resource": {"resourceType": "Observation", "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0", "display": "Creatinine"}]},
+      "valueQuantity": {"value": 1.3, "unit": "mg/dL"}, "effectiveDateTime": "2025-10-02T08:00:00+08:00"}},
+    {"resource": {"resourceType": "Observation", "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4", "display": "HbA1c"}]},
+      "valueQuantity": {"value": 7.8, "unit": "%"}, "effectiveDateTime": "2025-10-02T08:00:00+08:00"}},
+    {"resource": {"resourceType": "Encounter", "status": "finished"}}
+  ]
+}"#;

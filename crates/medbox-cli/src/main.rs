@@ -12,6 +12,7 @@ use medbox_proto::v1 as pb;
 use serde_json::json;
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
+mod agents;
 mod finetune;
 
 #[derive(Parser)]
@@ -113,6 +114,11 @@ enum Command {
     Finetune {
         #[command(subcommand)]
         command: finetune::FinetuneCommand,
+    },
+    /// Agents: list the catalogue, run one.
+    Agents {
+        #[command(subcommand)]
+        command: agents::AgentsCommand,
     },
     /// Show how a model's tokenizer splits a text.
     Tokenize {
@@ -275,6 +281,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::connect(&cli).await?;
     match &cli.command {
         Command::Status => status(&client, cli.json).await,
+        Command::Agents { command } => agents::agents(&client, command, cli.json).await,
         Command::Models {
             command: ModelsCommand::List,
         } => models_list(&client, cli.json).await,

@@ -43,6 +43,13 @@ pub enum Access {
 
 /// The access rule for a gRPC path such as `/medbox.v1.Inference/Generate`.
 pub fn access_for(path: &str) -> Access {
+    // Changing the catalogue is an administrator's work.
+    if matches!(
+        path,
+        "/medbox.v1.Agents/CreateAgent" | "/medbox.v1.Agents/UpdateAgent"
+    ) {
+        return Access::Scope("admin");
+    }
     let service = path
         .trim_start_matches('/')
         .split('/')
@@ -344,6 +351,7 @@ mod tests {
         );
         check("/medbox.v1.Inference/Generate", Access::Scope("inference"));
         check("/medbox.v1.Agents/RunAgent", Access::Scope("agents"));
+        check("/medbox.v1.Agents/CreateAgent", Access::Scope("admin"));
         check("/medbox.v1.FineTuning/CreateJob", Access::Scope("finetune"));
         check("/medbox.v1.Admin/Status", Access::Scope("admin"));
         check("/medbox.v1.Knowledge/Search", Access::Scope("agents"));

@@ -38,9 +38,53 @@ pub struct Config {
     pub finetune: FinetuneConfig,
     #[serde(default)]
     pub knowledge: KnowledgeConfig,
+    pub agents: AgentsConfig,
     #[serde(default)]
     pub models: Vec<ModelConfig>,
 }
+
+/// The agent catalogue (`[agents]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// The folder of agent spec files (`*.toml`) loaded at start. Unset: the
+    /// folder `agents` in the working directory, if there is one; a folder
+    /// that is set must exist. A bad spec stops the start, naming the file,
+    /// the field and the reason.
+    #[serde(default)]
+    pub specs_dir: Option<PathBuf>,
+    /// The model (name or alias) for any step whose route is not loaded.
+    #[serde(default = "default_agents_model")]
+    pub default_model: String,
+    /// Turns of a session's history a run sees (the oldest are left out).
+    #[serde(default = "default_max_session_turns")]
+    pub max_session_turns: usize,
+    /// Sampling temperature of agent steps; 0 is greedy (reproducible).
+    #[serde(default)]
+    pub temperature: f32,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        AgentsConfig {
+            specs_dir: None,
+            default_model: default_agents_model(),
+            max_session_turns: default_max_session_turns(),
+            temperature: 0.0,
+        }
+    }
+}
+
+fn default_agents_model() -> String {
+    "medical".to_owned()
+}
+
+fn default_max_session_turns() -> usize {
+    20
+}
+
+/// The specs folder used when `[agents] specs_dir` is not set.
+pub const DEFAULT_AGENT_SPECS_DIR: &str = "agents";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

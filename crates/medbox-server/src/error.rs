@@ -73,6 +73,12 @@ pub enum ApiError {
     KnowledgeUnavailable(String),
     #[error("knowledge document `{0}` does not exist (see ListDocuments)")]
     DocumentNotFound(String),
+    #[error("agent `{0}` does not exist (see ListAgents)")]
+    AgentNotFound(String),
+    #[error("agent `{0}` already exists; use UpdateAgent")]
+    AgentExists(String),
+    #[error("session `{0}` does not exist (see CreateSession)")]
+    SessionNotFound(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -106,6 +112,9 @@ impl ApiError {
             ApiError::KnowledgeNotConfigured(_) => "knowledge_not_configured",
             ApiError::KnowledgeUnavailable(_) => "knowledge_unavailable",
             ApiError::DocumentNotFound(_) => "document_not_found",
+            ApiError::AgentNotFound(_) => "agent_not_found",
+            ApiError::AgentExists(_) => "agent_exists",
+            ApiError::SessionNotFound(_) => "session_not_found",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -137,6 +146,9 @@ impl ApiError {
             ApiError::KnowledgeNotConfigured(_) => Code::FailedPrecondition,
             ApiError::KnowledgeUnavailable(_) => Code::Unavailable,
             ApiError::DocumentNotFound(_) => Code::NotFound,
+            ApiError::AgentNotFound(_) => Code::NotFound,
+            ApiError::AgentExists(_) => Code::AlreadyExists,
+            ApiError::SessionNotFound(_) => Code::NotFound,
             ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -171,6 +183,13 @@ mod tests {
         ));
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn not_found_names_the_agent() {
+        let status = Status::from(ApiError::AgentNotFound("radiology_report".into()));
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().contains("radiology_report"));
     }
 
     #[test]

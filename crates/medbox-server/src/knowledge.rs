@@ -17,10 +17,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use medbox_agents::context::{ContextTool, ToolFuture};
 use medbox_agents::knowledge::{
     ChunkingConfig, DocumentFormat, EmbedFuture, EmbeddedChunk, Embedder, EmbedderError,
-    Embeddings, FusionConfig, IndexedDocument, KnowledgeBase, KnowledgeConfig as BaseConfig,
-    KnowledgeError, NewDocument, SearchHit, SearchMode, embedding_text,
+    Embeddings, FusionConfig, IndexedDocument, KNOWLEDGE_SEARCH_DESCRIPTION, KNOWLEDGE_SEARCH_TOOL,
+    KnowledgeBase, KnowledgeConfig as BaseConfig, KnowledgeError, NewDocument, SearchHit,
+    SearchMode, embedding_text, knowledge_search_schema,
 };
 use medbox_proto::v1 as pb;
 use medbox_runtime::{EmbedError, EngineError};
@@ -120,6 +122,15 @@ pub enum Added {
 }
 
 impl KnowledgeContext {
+    /// The agents' `knowledge_search` tool over this knowledge base, when an
+    /// embedding model is configured (without one, no agent is offered it).
+    pub fn search_tool(&self) -> Option<Arc<dyn ContextTool>> {
+        self.model_name.as_ref()?;
+        Some(Arc::new(KnowledgeSearchTool {
+            base: self.base.clone(),
+        }))
+    }
+
     /// Builds the knowledge base and loads every stored document embedded by
     /// the configured model into the index. Documents embedded by another
     /// model wait for [`KnowledgeContext::ingest_at_start`].
@@ -731,5 +742,29 @@ impl pb::knowledge_server::Knowledge for KnowledgeService {
         }
         .await;
         answer(record, result)
+    }
+}
+
+/// `knowledge_search` for the agents' step loop: the knowledge base's own
+/// search, with citations (document, section) in every passage.
+struct KnowledgeSearchTool {
+    base: Arc<KnowledgeBase>,
+}
+
+impl ContextTool for KnowledgeSearchTool {
+    fn name(&self) -> &str {
+        KNOWLEDGE_SEARCH_TOOL
+    }
+
+    fn description(&self) -> &str {
+        KNOWLEDGE_SEARCH_DESCRIPTION
+    }
+
+    fn parameters_schema(&self) -> serde_json::Value {
+        knowledge_search_schema()
+    }
+
+    fn call<'a>(&'a self, arguments: &'a serde_json::Value) -> ToolFuture<'a> {
+        Box::pin(self.base.call_search_tool(arguments))
     }
 }

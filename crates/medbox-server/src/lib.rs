@@ -7,6 +7,7 @@
 //! SQL.
 
 mod admin;
+mod agents;
 mod auth;
 pub mod config;
 mod datasets;
@@ -23,4 +24,8 @@ mod router;
 pub(crate) mod server;
 mod state;
 
-pub use server::{RunningServer, ServeError, StartError, start};
+pub use server::{RunningServer, ServeError, StartError, start, start_with_agent_tools};
+
+/// The per-run tool trait, for plugging shared context tools (such as a
+/// knowledge-base `knowledge_search`) into `start_with_agent_tools`.
+pub use medbox_agents::context::{ContextTool, ToolFuture};

@@ -3,8 +3,9 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use medbox_agents::{ToolRegistry, context::ContextTool};
 use medbox_proto::v1::{
-    admin_server::AdminServer, fine_tuning_server::FineTuningServer,
+    admin_server::AdminServer, agents_server::AgentsServer, fine_tuning_server::FineTuningServer,
     inference_server::InferenceServer, knowledge_server::KnowledgeServer,
 };
 use medbox_store::{NewApiKey, NewModel, Store, StoreError};
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin::AdminService,
+    agents::{AgentCatalog, AgentsService, AgentsStartError, RuntimeModel},
     auth::{AuthLayer, Gatekeeper},
     config::{Config, ConfigError, ValidModelConfig},
     deadline::{DeadlineLayer, MethodDeadlines, RequestIdLayer},
@@ -64,6 +66,8 @@ pub enum StartError {
     Tls(String),
     #[error("finetune: {0}")]
     Finetune(#[from] FinetuneStartError),
+    #[error(transparent)]
+    Agents(#[from] AgentsStartError),
     #[error("cannot write the first admin key to {path}: {source}")]
     AdminKeyFile {
         path: std::path::PathBuf,
@@ -121,6 +125,16 @@ impl RunningServer {
 /// serving. Models load in the background; `Inference` reports NOT_SERVING to
 /// health checks until every configured model has been tried.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    start_with_agent_tools(config, Vec::new()).await
+}
+
+/// [`start`], with context tools every agent run gets besides the built-in
+/// ones (the patient tools and `schedule_follow_up`); a spec may list a tool
+/// only if it is built in or given here (e.g. `knowledge_search`).
+pub async fn start_with_agent_tools(
+    config: Config,
+    shared_agent_tools: Vec<Arc<dyn ContextTool>>,
+) -> Result<RunningServer, StartError> {
     let models = config.validate()?;
     let addr = config.listen_addr()?;
     let listener = TcpListener::bind(addr)
@@ -161,6 +175,24 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let router = Arc::new(ModelRouter::new(models.clone()));
     let knowledge =
         KnowledgeContext::open(&config.knowledge, &models, router.clone(), store.clone()).await?;
+    let mut shared_agent_tools = shared_agent_tools;
+    if let Some(tool) = knowledge.search_tool() {
+        shared_agent_tools.push(tool);
+    }
+    let shared_tool_names: Vec<String> = shared_agent_tools
+        .iter()
+        .map(|tool| tool.name().to_owned())
+        .collect();
+    // A bad spec stops the start here, naming the file, the field and why.
+    let catalog = Arc::new(
+        AgentCatalog::load(
+            &config.agents,
+            &store,
+            Arc::new(ToolRegistry::medical()),
+            &shared_tool_names,
+        )
+        .await?,
+    );
     let limits = &config.limits;
     let limiter = Arc::new(KeyLimiter::new(KeyLimits {
         requests_per_second: limits.requests_per_second,
@@ -195,6 +227,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     health
         .set_serving::<KnowledgeServer<KnowledgeService>>()
         .await;
+    health.set_serving::<AgentsServer<AgentsService>>().await;
     let loader = {
         let router = router.clone();
         let health = health.clone();
@@ -318,6 +351,16 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .add_service(
             KnowledgeServer::new(KnowledgeService::new(state.clone(), knowledge))
                 .max_decoding_message_size(max_bytes),
+        )
+        .add_service(
+            AgentsServer::new(AgentsService::new(
+                state.clone(),
+                catalog,
+                Arc::new(RuntimeModel::new(router.clone(), &config.agents)),
+                shared_agent_tools,
+                &config.agents,
+            ))
+            .max_decoding_message_size(max_bytes),
         )
         .add_service(
             AdminServer::new(AdminService::new(state)).max_decoding_message_size(max_bytes),

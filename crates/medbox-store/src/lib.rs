@@ -6,8 +6,10 @@
 //! per-RPC request log ([`request_log`]), API keys ([`api_keys`]), the
 //! hash-chained audit trail ([`audit`]), and fine-tuning: uploaded datasets
 //! ([`datasets`]), jobs with their append-only events ([`jobs`]) and the
-//! model versions they produce ([`model_versions`]); and the knowledge base's
-//! documents with their embedded chunks ([`knowledge`]).
+//! model versions they produce ([`model_versions`]); agents ([`agents`]):
+//! spec versions, multi-turn sessions with their history, runs with their
+//! traces, and scheduled follow-ups; and the knowledge base's documents with
+//! their embedded chunks ([`knowledge`]).
 //!
 //! **Architecture Invariant:** only this crate knows SQL. Callers see typed
 //! records and [`StoreError`]; no SQL string, row or pool crosses the API.
@@ -51,6 +53,7 @@
 //! **API Boundary:** no gRPC or serialization here; records are plain structs and
 //! are deliberately not `Serialize`.
 
+pub mod agents;
 pub mod api_keys;
 pub mod audit;
 pub mod datasets;
@@ -72,6 +75,10 @@ use sqlx::{
     migrate::Migrator,
 };
 
+pub use agents::{
+    AgentRunRecord, AgentSessionRecord, AgentSpecVersionRecord, FollowUpRecord, NewAgentRun,
+    NewFollowUp, SessionMessageRecord, SessionRole, SpecOrigin,
+};
 pub use api_keys::{ApiKeyRecord, CreatedApiKey, KeyCheck, NewApiKey, SCOPES};
 pub use audit::{AuditEvent, AuditFilter, AuditHead, ChainVerdict, GENESIS_HASH, NewAuditEvent};
 pub use datasets::{DatasetRecord, DatasetState, NewDataset};

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::ToolRegistry;
-use crate::spec::{AgentSpec, RouteKind, SpecError, SpecProblem, load_specs_dir};
+use crate::spec::{
+    AgentSpec, KnownTools, RouteKind, SpecError, SpecProblem, load_specs_dir, load_specs_dir_with,
+};
 
 /// The fields of a small valid spec, as `key = value` TOML lines.
 const BASE: &[(&str, &str)] = &[
@@ -179,26 +181,97 @@ fn bundled_specs_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("specs")
 }
 
-#[test]
-fn bundled_specs_validate_against_the_medical_registry() {
+/// The context tools the server registers for every run.
+fn server_context_tools() -> Vec<&'static str> {
+    let mut names = crate::patient::TOOL_NAMES.to_vec();
+    names.push(crate::context::SCHEDULE_FOLLOW_UP);
+    names
+}
+
+fn load_bundled() -> Vec<AgentSpec> {
     let registry = ToolRegistry::medical();
-    let specs = load_specs_dir(&bundled_specs_dir(), &registry).expect("bundled specs load");
-    let ids: Vec<&str> = specs.iter().map(AgentSpec::id).collect();
-    assert_eq!(
-        ids,
-        [
-            "deidentification",
-            "lab_report_interpretation",
-            "record_quality_control"
-        ]
-    );
+    let context = server_context_tools();
+    load_specs_dir_with(
+        &bundled_specs_dir(),
+        KnownTools {
+            registry: &registry,
+            context: &context,
+        },
+    )
+    .expect("bundled specs load")
+}
+
+#[test]
+fn the_twenty_bundled_specs_validate_and_their_examples_fit() {
+    let registry = ToolRegistry::medical();
+    let specs = load_bundled();
+    assert_eq!(specs.len(), 20);
     for spec in &specs {
-        assert!(!spec.tools().is_empty(), "{}", spec.id());
-        assert!(!spec.name_zh().is_ascii(), "{}: name_zh", spec.id());
-        let step_schema = crate::step_loop::build_step_schema(spec, &registry);
+        let id = spec.id();
+        assert!(!spec.name_zh().is_ascii(), "{id}: name_zh");
+        let context = crate::context::ContextTools::new();
+        let toolbox = crate::context::Toolbox::new(&registry, &context);
+        let step_schema = crate::step_loop::build_step_schema_with(spec, toolbox);
         jsonschema::validator_for(&step_schema)
-            .unwrap_or_else(|error| panic!("{}: step schema: {error}", spec.id()));
+            .unwrap_or_else(|error| panic!("{id}: step schema: {error}"));
+        let example_path = bundled_specs_dir().join(format!("examples/{id}.json"));
+        let example: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&example_path).expect("every spec has an example input"),
+        )
+        .expect("example is JSON");
+        let violations = spec.input_schema().violations(&example);
+        assert!(violations.is_empty(), "{id}: example input: {violations:?}");
+        // Every required tool gets its arguments from the example, and a
+        // static tool accepts them.
+        for required in spec.required_tools() {
+            let arguments = required
+                .arguments_for(&example)
+                .unwrap_or_else(|pointer| panic!("{id}: example lacks {pointer}"));
+            if let Some(tool) = registry.get(&required.tool) {
+                tool.call(&arguments)
+                    .unwrap_or_else(|error| panic!("{id}: {}: {error}", required.tool));
+            }
+        }
+        // Agents with tools run at least one of them before the model.
+        if !spec.tools().is_empty() {
+            assert!(!spec.required_tools().is_empty(), "{id}: no required tool");
+        }
     }
+}
+
+#[test]
+fn an_optional_tool_is_used_only_when_the_box_has_it() {
+    let text = std::fs::read_to_string(bundled_specs_dir().join("guideline_qa.toml")).unwrap();
+    let registry = ToolRegistry::medical();
+    let without = AgentSpec::from_toml_str("guideline_qa.toml", &text, &registry).unwrap();
+    assert!(without.tools().is_empty());
+    let with = AgentSpec::from_toml_str_with(
+        "guideline_qa.toml",
+        &text,
+        KnownTools {
+            registry: &registry,
+            context: &["knowledge_search"],
+        },
+    )
+    .unwrap();
+    assert_eq!(with.tools(), ["knowledge_search"]);
+}
+
+#[test]
+fn templates_take_values_from_the_input() {
+    let required = crate::spec::RequiredTool {
+        tool: "bmi".into(),
+        arguments: serde_json::json!({"weight_kg": "$input/m/w", "fixed": "x", "list": ["$input/m"]}),
+    };
+    let input = serde_json::json!({"m": {"w": 70}});
+    assert_eq!(
+        required.arguments_for(&input),
+        Ok(serde_json::json!({"weight_kg": 70, "fixed": "x", "list": [{"w": 70}]}))
+    );
+    let missing = required
+        .arguments_for(&serde_json::json!({}))
+        .expect_err("the input lacks /m");
+    assert!(missing.starts_with("/m"), "{missing}");
 }
 
 /// A fresh directory under the system temp dir, removed by the caller.
@@ -260,25 +333,31 @@ fn a_bundled_spec_runs_its_tools_to_a_valid_answer() {
         "audience": "clinician",
         "language": "en"
     });
-    let call = json!({"tool": "lab_interpret", "arguments": {
-        "sex": "male", "age_years": 64, "results": [{"test": "K", "value": 6.8, "unit": "mmol/L"}]
-    }});
     let answer = json!({"final": {
         "summary": "Critical hyperkalaemia: tell the treating clinician at once.",
-        "results": [{"test": "K", "value": 6.8, "unit": "mmol/L", "interpretation": "HH",
+        "results": [{"test": "K", "interpretation": "HH",
                      "explanation": "Potassium above the critical limit."}],
         "critical_values": ["K 6.8 mmol/L (HH)"],
         "recommendations": ["Repeat potassium and obtain an ECG."]
     }});
-    let model = ScriptedModel::replies([call.to_string(), answer.to_string()]);
+    // The orchestrator runs lab_interpret first; the model only answers.
+    let model = ScriptedModel::replies([answer.to_string()]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let run = block_on(run_agent(&spec, &registry, &model, input, &[], deadline)).expect("valid");
     assert_eq!(run.status, RunStatus::Completed, "{:#?}", run.steps);
-    let tool_result = run.steps[1].result.as_ref().expect("tool result");
+    assert!(run.steps[0].required);
+    let tool_result = run.steps[0].result.as_ref().expect("tool result");
     assert_eq!(
         tool_result["results"][0]["interpretation"]["code"], "HH",
         "{tool_result}"
     );
-    let routes: Vec<String> = model.turns().into_iter().map(|turn| turn.route).collect();
-    assert_eq!(routes, ["fast", "medical"]);
+    // The model saw the tool's result before answering.
+    let turns = model.turns();
+    assert!(
+        turns[0]
+            .messages
+            .iter()
+            .any(|message| message.content.contains("\"HH\"")),
+        "the tool result is in the conversation"
+    );
 }

@@ -486,3 +486,120 @@ fn a_run_is_send() {
     let future = run_agent(&spec, &registry, &model, input(), &[], in_a_minute());
     assert_send(&future);
 }
+
+/// A spec whose `bmi` tool the orchestrator runs first, with a context tool.
+const SPEC_WITH_REQUIRED: &str = r#"
+id = "demo_required"
+version = 1
+name_zh = "体重指数"
+name_en = "Body mass index"
+description = "Computes the BMI and names its category."
+system_prompt = "Report the BMI the tool computed."
+tools = ["bmi", "ward_census"]
+max_steps = 3
+timeout_seconds = 30
+input_schema = '''
+{"type": "object", "properties": {"w": {"type": "number"}, "h": {"type": "number"}}, "required": ["w"]}
+'''
+output_schema = '''
+{"type": "object",
+ "properties": {"bmi": {"type": "number"}, "category": {"type": "string", "enum": ["underweight", "normal", "overweight", "obese"]}},
+ "required": ["bmi", "category"], "additionalProperties": false}
+'''
+[[required_tools]]
+tool = "bmi"
+arguments = '{"weight_kg": "$input/w", "height_cm": "$input/h"}'
+[routes]
+default = "medical"
+"#;
+
+/// A context tool that answers after an `.await` and counts its calls.
+struct WardCensus(std::sync::atomic::AtomicUsize);
+
+impl crate::context::ContextTool for WardCensus {
+    fn name(&self) -> &str {
+        "ward_census"
+    }
+    fn description(&self) -> &str {
+        "Beds free on the ward."
+    }
+    fn parameters_schema(&self) -> Value {
+        json!({"type": "object", "properties": {}, "additionalProperties": false})
+    }
+    fn call<'a>(&'a self, _arguments: &'a Value) -> crate::context::ToolFuture<'a> {
+        Box::pin(async move {
+            let calls = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            Ok(json!({"free_beds": 3, "calls": calls}))
+        })
+    }
+}
+
+fn run_required(model: &ScriptedModel, input: Value) -> AgentRun {
+    let registry = ToolRegistry::medical();
+    let spec = AgentSpec::from_toml_str_with(
+        "demo_required.toml",
+        SPEC_WITH_REQUIRED,
+        crate::spec::KnownTools {
+            registry: &registry,
+            context: &["ward_census"],
+        },
+    )
+    .expect("valid spec");
+    let mut context = crate::context::ContextTools::new();
+    context
+        .add(std::sync::Arc::new(WardCensus(Default::default())))
+        .unwrap();
+    block_on(crate::step_loop::run_agent_with(
+        &spec,
+        crate::context::Toolbox::new(&registry, &context),
+        model,
+        input,
+        &[],
+        in_a_minute(),
+        &mut |_| {},
+    ))
+    .expect("valid input")
+}
+
+#[test]
+fn required_tools_run_before_the_model_and_context_tools_are_called() {
+    let model = ScriptedModel::replies([
+        r#"{"tool": "ward_census", "arguments": {}}"#,
+        r#"{"final": {"bmi": 22.9, "category": "normal"}}"#,
+    ]);
+    let run = run_required(&model, json!({"w": 70, "h": 175}));
+    assert_eq!(run.status, RunStatus::Completed, "{:#?}", run.steps);
+    assert_eq!(shape(&run.steps), "tool model tool model final");
+    assert!(run.steps[0].required && !run.steps[2].required);
+    assert_eq!(run.steps[0].result.as_ref().unwrap()["bmi"], 22.9);
+    assert_eq!(run.steps[2].result.as_ref().unwrap()["free_beds"], 3);
+    // The first turn already holds the required tool's result.
+    assert!(last_message(&model, 0).content.contains("\"bmi\":22.9"));
+}
+
+#[test]
+fn a_required_tool_the_input_cannot_feed_is_recorded_not_run() {
+    let model = ScriptedModel::replies([r#"{"final": {"bmi": 0, "category": "normal"}}"#]);
+    let run = run_required(&model, json!({"w": 70}));
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(shape(&run.steps), "tool! model final");
+    let error = run.steps[0].error.as_deref().unwrap();
+    assert!(error.contains("/h"), "{error}");
+    assert!(run.steps[0].arguments.is_none());
+}
+
+#[test]
+fn the_last_step_admits_only_a_final_answer() {
+    let model = ScriptedModel::replies(["not json", CALL_BMI, CALL_BMI, CALL_BMI]);
+    let run = run(&model, &[], in_a_minute());
+    assert_eq!(run.status, RunStatus::StepLimit);
+    let turns = model.turns();
+    assert_eq!(turns.len(), 4);
+    let last = &turns[3];
+    assert_eq!(
+        last.response_schema,
+        crate::step_loop::final_only_schema(&spec())
+    );
+    assert!(last.messages.last().unwrap().content.contains("last step"));
+    assert_ne!(turns[0].response_schema, last.response_schema);
+}

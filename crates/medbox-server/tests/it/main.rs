@@ -17,6 +17,7 @@ use tonic::{
     transport::Channel,
 };
 
+mod agents;
 mod authorization;
 mod finetuning;
 mod knowledge;

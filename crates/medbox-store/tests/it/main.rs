@@ -30,6 +30,7 @@ macro_rules! on_both_backends {
     };
 }
 
+mod agents;
 mod api_keys;
 mod audit;
 mod finetuning;
