@@ -850,6 +850,9 @@ struct PrefillChunk {
     causal: bool,
 }
 
+mod training;
+pub(crate) use training::{LoraPair, TrainingPass};
+
 #[cfg(test)]
 mod tests {
     use super::*;
