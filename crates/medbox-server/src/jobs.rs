@@ -1209,8 +1209,10 @@ async fn register_one(
             internal("the job was no longer running when its result was registered".to_owned())
         })?;
     shared.publish(event);
-    if written.kind == medbox_finetune::OutputKind::Merged {
-        // A whole model folder: `LoadModel NAME` with no path loads the newest version.
+    {
+        // `LoadModel NAME` with no path loads the newest version: a whole
+        // model folder, or an adapter, which the runtime loads merged onto
+        // the base model its `adapter_config.json` names.
         let base = shared.store.get_model(&job.base_model).await.ok().flatten();
         let entry = NewModel {
             name: job.output_name.clone(),

@@ -18,6 +18,7 @@ use tonic::{
 };
 
 mod authorization;
+mod finetune_lora;
 mod finetuning;
 mod limits;
 mod tls;
