@@ -4,8 +4,9 @@
 //! Deterministic: the same seed gives the same examples on any machine.
 //! Deliberately easy: values are drawn well away from the reference limits
 //! (potassium 3.5–5.5, fasting glucose 3.9–6.1 mmol/L), so that the flag
-//! follows from the value's leading digit; the tiny test model learns it in
-//! a few dozen steps, and a model that has not learnt it answers ~0%.
+//! follows from the value's leading digit; two decimals give 600 distinct
+//! prompts, so held-out examples are plentiful. A small model learns it in a
+//! few dozen steps; a model that has not learnt it answers ~0%.
 //! No patient data: every value is drawn here.
 
 /// One example: the user's message and the expected answer.
@@ -16,12 +17,10 @@ pub struct LabExample {
 }
 
 /// A lab test: name, unit, and the value ranges drawn for each flag, in
-/// tenths of the unit (low, normal, high).
+/// hundredths of the unit (low, normal, high).
 struct LabTest {
     name: &'static str,
     unit: &'static str,
-    /// Whole numbers (no decimal) when false.
-    decimals: bool,
     ranges: [(u32, u32); 3],
 }
 
@@ -29,14 +28,12 @@ const TESTS: [LabTest; 2] = [
     LabTest {
         name: "血钾",
         unit: "mmol/L",
-        decimals: true,
-        ranges: [(20, 29), (40, 49), (60, 69)],
+        ranges: [(200, 299), (400, 499), (600, 699)],
     },
     LabTest {
         name: "空腹血糖",
         unit: "mmol/L",
-        decimals: true,
-        ranges: [(20, 29), (50, 59), (90, 99)],
+        ranges: [(200, 299), (500, 599), (900, 999)],
     },
 ];
 
@@ -58,12 +55,8 @@ pub fn lab_flag_examples(seed: u64, count: usize) -> Vec<LabExample> {
             let test = &TESTS[(next() % TESTS.len() as u64) as usize];
             let flag = (next() % 3) as usize;
             let (low, high) = test.ranges[flag];
-            let tenths = low + (next() % u64::from(high - low + 1)) as u32;
-            let value = if test.decimals {
-                format!("{}.{}", tenths / 10, tenths % 10)
-            } else {
-                format!("{}", tenths / 10)
-            };
+            let hundredths = low + (next() % u64::from(high - low + 1)) as u32;
+            let value = format!("{}.{:02}", hundredths / 100, hundredths % 100);
             LabExample {
                 prompt: format!("{} {value} {}", test.name, test.unit),
                 answer: FLAGS[flag].to_owned(),
