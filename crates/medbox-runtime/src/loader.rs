@@ -130,7 +130,10 @@ pub(crate) fn load(
     if let Some(unused) = weights.unused_adapter_weights().first() {
         return Err(LoadError::MissingTensor {
             path: dir.to_path_buf(),
-            tensor: format!("{unused} (named by the adapter in {})", adapter_dir.display()),
+            tensor: format!(
+                "{unused} (named by the adapter in {})",
+                adapter_dir.display()
+            ),
         });
     }
     if !settings.tie_word_embeddings && !weights.contains("lm_head.weight") {

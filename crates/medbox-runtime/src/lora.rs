@@ -129,7 +129,9 @@ impl MergeDeltas {
             .base_model_name_or_path
             .as_deref()
             .filter(|base| !base.is_empty())
-            .ok_or_else(|| invalid("`base_model_name_or_path` must name the base model's folder".into()))?;
+            .ok_or_else(|| {
+                invalid("`base_model_name_or_path` must name the base model's folder".into())
+            })?;
         let base_dir = if Path::new(base).is_absolute() {
             PathBuf::from(base)
         } else {
@@ -152,12 +154,11 @@ impl MergeDeltas {
             tensor: tensor.to_owned(),
             message,
         };
-        let tensors = Tensor::read_safetensors(&weights_path).map_err(|error| {
-            LoadError::Safetensors {
+        let tensors =
+            Tensor::read_safetensors(&weights_path).map_err(|error| LoadError::Safetensors {
                 path: weights_path.clone(),
                 message: error.to_string(),
-            }
-        })?;
+            })?;
         let mut halves: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         for (name, tensor) in tensors {
             let module = name
@@ -165,7 +166,10 @@ impl MergeDeltas {
                 .and_then(|rest| {
                     rest.strip_suffix(".lora_A.weight")
                         .map(|module| (module, true))
-                        .or_else(|| rest.strip_suffix(".lora_B.weight").map(|module| (module, false)))
+                        .or_else(|| {
+                            rest.strip_suffix(".lora_B.weight")
+                                .map(|module| (module, false))
+                        })
                 })
                 .ok_or_else(|| tensor_error(&name, "not a LoRA tensor name PEFT writes".into()))?;
             let (module, is_a) = module;
@@ -179,7 +183,10 @@ impl MergeDeltas {
         let mut deltas = HashMap::new();
         for (module, pair) in halves {
             let (Some(a), Some(b)) = pair else {
-                return Err(tensor_error(&module, "has only one of lora_A and lora_B".into()));
+                return Err(tensor_error(
+                    &module,
+                    "has only one of lora_A and lora_B".into(),
+                ));
             };
             let delta = merge_delta(&a, &b, scale)
                 .map_err(|error| tensor_error(&module, error.to_string()))?;
@@ -240,8 +247,14 @@ pub(crate) fn write_adapter(
                 .f_to_device(tch::Device::Cpu)?
                 .f_contiguous()
         };
-        tensors.push((format!("{PEFT_PREFIX}{module}.lora_A.weight"), cpu(&pair.a)?));
-        tensors.push((format!("{PEFT_PREFIX}{module}.lora_B.weight"), cpu(&pair.b)?));
+        tensors.push((
+            format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+            cpu(&pair.a)?,
+        ));
+        tensors.push((
+            format!("{PEFT_PREFIX}{module}.lora_B.weight"),
+            cpu(&pair.b)?,
+        ));
     }
     let mut short_names: Vec<String> = modules
         .iter()
@@ -291,7 +304,11 @@ mod tests {
         let down = "model.layers.1.mlp.down_proj";
         let check = |targets: &[&str], expect: [bool; 2]| {
             let settings = settings(targets);
-            assert_eq!([settings.targets(q), settings.targets(down)], expect, "{targets:?}");
+            assert_eq!(
+                [settings.targets(q), settings.targets(down)],
+                expect,
+                "{targets:?}"
+            );
         };
         check(&["all-linear"], [true, true]);
         check(&["q_proj", "v_proj"], [true, false]);

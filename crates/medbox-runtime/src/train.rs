@@ -154,8 +154,10 @@ impl TrainableModel {
                             device,
                         )
                         .map_err(|error| tensor_error(&module.name, error))?;
-                        parameters.push((format!("{}.lora_A", module.name), pair.a.shallow_clone()));
-                        parameters.push((format!("{}.lora_B", module.name), pair.b.shallow_clone()));
+                        parameters
+                            .push((format!("{}.lora_A", module.name), pair.a.shallow_clone()));
+                        parameters
+                            .push((format!("{}.lora_B", module.name), pair.b.shallow_clone()));
                         adapters.insert(module.name, pair);
                     }
                     if adapters.is_empty() {
@@ -268,7 +270,11 @@ impl TrainableModel {
 
     /// Plain text, loss on every token; the tokenizer adds its special
     /// tokens (BOS) as it does for a prompt. Truncated to `max_tokens`.
-    pub fn encode_text(&self, text: &str, max_tokens: usize) -> Result<EncodedExample, EncodeError> {
+    pub fn encode_text(
+        &self,
+        text: &str,
+        max_tokens: usize,
+    ) -> Result<EncodedExample, EncodeError> {
         let mut ids = self.encode(text, true)?;
         ids.truncate(max_tokens);
         Ok(EncodedExample {
@@ -330,9 +336,7 @@ impl TrainableModel {
         };
         let logits = self.model.forward_sequences(&ids, &pass)?; // (B, L, V)
         let vocab = logits.size()[2];
-        let predicted = logits
-            .f_narrow(1, 0, length - 1)?
-            .f_reshape([-1, vocab])?;
+        let predicted = logits.f_narrow(1, 0, length - 1)?.f_reshape([-1, vocab])?;
         let expected = labels.f_narrow(1, 1, length - 1)?.f_reshape([-1])?;
         let loss = predicted.f_cross_entropy_loss(
             &expected,

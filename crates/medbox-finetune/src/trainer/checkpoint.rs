@@ -217,12 +217,17 @@ mod tests {
         }
         // An interrupted write is not a checkpoint.
         std::fs::create_dir(dir.path().join(".tmp-step-12")).unwrap();
-        let steps: Vec<u64> = list(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        let steps: Vec<u64> = list(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         assert_eq!(steps, [6, 9]);
         let other = Tensor::from_slice(&[0.0f32, 0.0]);
         let restored_parameters = vec![("w".to_owned(), other.shallow_clone())];
         let mut fresh = AdamW::new(&restored_parameters, 0.0).unwrap();
-        let restored = restore(&dir.path().join("step-9"), &restored_parameters, &mut fresh).unwrap();
+        let restored =
+            restore(&dir.path().join("step-9"), &restored_parameters, &mut fresh).unwrap();
         assert_eq!(restored, state);
         assert_eq!(Vec::<f32>::try_from(&other).unwrap(), [1.0, 2.0]);
         assert_eq!(Vec::<f32>::try_from(&fresh.exp_avg[0]).unwrap(), [9.0, 9.0]);

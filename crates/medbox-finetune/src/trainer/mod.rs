@@ -289,7 +289,10 @@ pub fn run(
     )
     .map_err(|error| {
         TrainerError::failed(
-            format!("the base model `{}` could not be loaded for training", spec.base_model.name),
+            format!(
+                "the base model `{}` could not be loaded for training",
+                spec.base_model.name
+            ),
             error,
         )
     })?;
@@ -343,7 +346,10 @@ pub fn run(
     if state.total_steps != plan.total_steps {
         return Err(TrainerError::failed(
             "the job's checkpoints do not match its data (a different number of steps); start a new job",
-            format!("checkpoint total {} vs plan {}", state.total_steps, plan.total_steps),
+            format!(
+                "checkpoint total {} vs plan {}",
+                state.total_steps, plan.total_steps
+            ),
         ));
     }
     events.emit(&TrainerEvent::Started {
@@ -385,7 +391,9 @@ pub fn run(
             step,
             plan.total_steps,
         );
-        optimizer.step(parameters, rate, step).map_err(tensor_failure)?;
+        optimizer
+            .step(parameters, rate, step)
+            .map_err(tensor_failure)?;
         zero_gradients(parameters).map_err(tensor_failure)?;
         let loss = loss_total / step_targets.max(1) as f64;
         if !loss.is_finite() {

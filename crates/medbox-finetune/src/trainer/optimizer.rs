@@ -156,7 +156,10 @@ mod tests {
         let mut optimizer = AdamW::new(&parameters, 0.0).unwrap();
         optimizer.step(&parameters, 0.1, 1).unwrap();
         let values = Vec::<f32>::try_from(weight.detach()).unwrap();
-        assert!((values[0] - 0.9).abs() < 1e-5 && (values[1] + 1.1).abs() < 1e-5, "{values:?}");
+        assert!(
+            (values[0] - 0.9).abs() < 1e-5 && (values[1] + 1.1).abs() < 1e-5,
+            "{values:?}"
+        );
         zero_gradients(&parameters).unwrap();
         let gradient = Vec::<f32>::try_from(weight.grad()).unwrap();
         assert_eq!(gradient, [0.0, 0.0]);

@@ -99,7 +99,8 @@ fn read_events(child: &mut Child, until: impl Fn(&TrainerEvent) -> bool) -> Vec<
     let mut lines = BufReader::new(stdout).lines();
     let mut events = Vec::new();
     for line in lines.by_ref() {
-        let event = TrainerEvent::parse_line(&line.unwrap()).expect("only protocol lines on stdout");
+        let event =
+            TrainerEvent::parse_line(&line.unwrap()).expect("only protocol lines on stdout");
         let done = until(&event);
         events.push(event);
         if done {
@@ -141,7 +142,10 @@ fn lora_job_writes_a_peft_adapter_and_resumes_after_sigkill_with_the_same_losses
         }
     );
     let reference = losses(&events);
-    assert_eq!(reference.keys().copied().collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    assert_eq!(
+        reference.keys().copied().collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
     let evals: Vec<f64> = events
         .iter()
         .filter_map(|event| match event {
@@ -162,7 +166,11 @@ fn lora_job_writes_a_peft_adapter_and_resumes_after_sigkill_with_the_same_losses
         })
         .collect();
     assert_eq!(checkpoints, [4, 8, 12]);
-    let Some(TrainerEvent::Succeeded { output_dir, metrics }) = events.last() else {
+    let Some(TrainerEvent::Succeeded {
+        output_dir,
+        metrics,
+    }) = events.last()
+    else {
         panic!("last event is succeeded: {events:?}");
     };
     assert_eq!(Path::new(output_dir), whole.join("output"));
@@ -178,9 +186,13 @@ fn lora_job_writes_a_peft_adapter_and_resumes_after_sigkill_with_the_same_losses
     assert_eq!(config["lora_alpha"], 32.0);
     assert_eq!(
         config["base_model_name_or_path"],
-        std::fs::canonicalize(tiny_model()).unwrap().display().to_string()
+        std::fs::canonicalize(tiny_model())
+            .unwrap()
+            .display()
+            .to_string()
     );
-    let tensors = tch::Tensor::read_safetensors(whole.join("output/adapter_model.safetensors")).unwrap();
+    let tensors =
+        tch::Tensor::read_safetensors(whole.join("output/adapter_model.safetensors")).unwrap();
     assert_eq!(tensors.len(), 4 * 7 * 2);
     let names: Vec<&str> = tensors.iter().map(|(name, _)| name.as_str()).collect();
     assert!(
@@ -220,7 +232,10 @@ fn lora_job_writes_a_peft_adapter_and_resumes_after_sigkill_with_the_same_losses
     let second = losses(&after);
     assert_eq!(second.keys().copied().collect::<Vec<_>>(), [9, 10, 11, 12]);
     resumed.extend(second);
-    assert_eq!(resumed, reference, "a resumed job repeats the uninterrupted loss curve");
+    assert_eq!(
+        resumed, reference,
+        "a resumed job repeats the uninterrupted loss curve"
+    );
     assert!(killed.join("output/adapter_model.safetensors").is_file());
 }
 
@@ -232,13 +247,20 @@ fn full_job_writes_a_model_folder_and_sigterm_stops_it_without_output() {
     assert!(status.success(), "{status}: {}", log_of(&dir));
     let reference = losses(&events);
     assert!(reference[&12] < reference[&1], "{reference:?}");
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(dir.join("output").join(file).is_file(), "{file}");
     }
 
     let cancelled = job_folder(parent.path(), "cancelled", Method::Full);
     let mut child = start(&cancelled);
-    let _first = read_events(&mut child, |event| matches!(event, TrainerEvent::Progress { .. }));
+    let _first = read_events(&mut child, |event| {
+        matches!(event, TrainerEvent::Progress { .. })
+    });
     let asked = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -246,7 +268,11 @@ fn full_job_writes_a_model_folder_and_sigterm_stops_it_without_output() {
     )
     .unwrap();
     let status = child.wait().unwrap();
-    assert!(asked.elapsed() < Duration::from_secs(10), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(status.code(), Some(143));
     assert!(!cancelled.join("output").exists());
 }

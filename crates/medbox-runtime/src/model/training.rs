@@ -331,7 +331,10 @@ impl Model {
                 dense(format!("{prefix}.mlp.{name}"), linear, &mut named)?;
             }
         }
-        named.push(("model.norm.weight".to_owned(), self.norm.weight.shallow_clone()));
+        named.push((
+            "model.norm.weight".to_owned(),
+            self.norm.weight.shallow_clone(),
+        ));
         // A tied head shares the embedding's storage.
         let tied = self
             .lm_head

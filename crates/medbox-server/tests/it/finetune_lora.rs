@@ -119,16 +119,21 @@ async fn a_lora_job_teaches_the_tiny_model_a_lab_task_it_then_serves() {
 
     let body = to_messages_jsonl(&train).into_bytes();
     let mut messages = vec![pb::UploadDatasetRequest {
-        part: Some(pb::upload_dataset_request::Part::Header(pb::DatasetHeader {
-            name: "lab-flags".into(),
-            format: "messages".into(),
-            eval_percent: 10,
-            split_seed: Some(1),
-        })),
+        part: Some(pb::upload_dataset_request::Part::Header(
+            pb::DatasetHeader {
+                name: "lab-flags".into(),
+                format: "messages".into(),
+                eval_percent: 10,
+                split_seed: Some(1),
+            },
+        )),
     }];
-    messages.extend(body.chunks(64 * 1024).map(|piece| pb::UploadDatasetRequest {
-        part: Some(pb::upload_dataset_request::Part::Chunk(piece.to_vec())),
-    }));
+    messages.extend(
+        body.chunks(64 * 1024)
+            .map(|piece| pb::UploadDatasetRequest {
+                part: Some(pb::upload_dataset_request::Part::Chunk(piece.to_vec())),
+            }),
+    );
     let dataset = fine_tuning(&test)
         .upload_dataset(tokio_stream::iter(messages))
         .await
@@ -212,7 +217,10 @@ async fn a_lora_job_teaches_the_tiny_model_a_lab_task_it_then_serves() {
         "lab task exact match on {} held-out examples: base {before:.3}, adapter {after:.3}; eval loss {eval_losses:?}",
         held_out.len()
     );
-    assert!(before <= 0.1, "the base model does not know the task: {before}");
+    assert!(
+        before <= 0.1,
+        "the base model does not know the task: {before}"
+    );
     assert!(after >= 0.9, "the adapter answers ≥ 90% exactly: {after}");
 }
 
