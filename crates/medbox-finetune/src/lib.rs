@@ -30,8 +30,12 @@
 //! methods, their defaults and checks) and [`manifest`] (the SHA-256 manifest
 //! of a registered model version).
 //!
-//! **Architecture Invariant:** no sockets and no tch here (the trainer will add
-//! tch; it will still open no socket).
+//! [`trainer`] is `medbox-trainer`'s work (LoRA and full fine-tuning on
+//! `medbox-runtime`'s decoder, AdamW, checkpoints, resume); the binary
+//! `src/bin/medbox-trainer.rs` is its thin shell (arguments, SIGTERM, stdout).
+//!
+//! **Architecture Invariant:** no sockets here. tch only in [`trainer`]
+//! (besides `medbox-runtime`, the one crate allowed to link it).
 //!
 //! **Architecture Invariant:** the protocol types are the only `Serialize`
 //! types of the crate: they are a wire format between two processes, written
@@ -42,6 +46,8 @@ pub mod hyperparameters;
 pub mod manifest;
 pub mod protocol;
 pub mod split;
+pub mod synthetic;
+pub mod trainer;
 pub mod validation;
 
 pub use dataset::{

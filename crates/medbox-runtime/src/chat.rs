@@ -148,6 +148,16 @@ impl ChatTemplate {
 
     /// Renders `messages` with `add_generation_prompt = true`.
     pub(crate) fn render(&self, messages: &[ChatMessage]) -> Result<String, Error> {
+        self.render_with(messages, true)
+    }
+
+    /// Renders `messages`, with the generation prompt or without (training
+    /// renders a conversation's turns one prefix at a time).
+    pub(crate) fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         let messages: Vec<Value> = messages
             .iter()
             .map(|message| {
@@ -166,7 +176,7 @@ impl ChatTemplate {
             ("messages", Value::from(messages)),
             ("tools", Value::from(())),
             ("documents", Value::from(())),
-            ("add_generation_prompt", Value::from(true)),
+            ("add_generation_prompt", Value::from(add_generation_prompt)),
         ]);
         self.environment
             .get_template(TEMPLATE_NAME)?

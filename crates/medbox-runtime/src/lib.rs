@@ -22,6 +22,12 @@
 //!   without a model.
 //! - `engine`: the `Engine` handle, its thread and the per-request
 //!   `GenerationStream`.
+//! - `lora`: LoRA adapters in PEFT's folder format; an adapter folder loads
+//!   as its own model, merged into its base model's weights at load.
+//! - `train`: `TrainableModel` for `medbox-trainer`: the same decoder with
+//!   LoRA adapters or every weight trainable, the training pass
+//!   (`Model::forward_sequences`: whole sequences, causal, no KV cache,
+//!   autograd on), chat examples with loss on assistant turns only.
 //! - `debug`: a small hidden entry point the parity tests use to read logits.
 //!
 //! # Invariants
@@ -57,12 +63,14 @@ mod engine;
 mod error;
 mod kv_blocks;
 mod loader;
+pub mod lora;
 mod matmul_policy;
 mod model;
 mod model_thread;
 mod reasoning;
 mod sampling;
 mod stop;
+pub mod train;
 mod validation;
 mod weights;
 

@@ -11,6 +11,7 @@ use crate::chat::ChatTemplate;
 use crate::config::{DType, Device, GenerationConfig, ModelConfig, ModelFiles, TokenizerConfig};
 use crate::constraint::ConstraintCompiler;
 use crate::error::LoadError;
+use crate::lora::MergeDeltas;
 use crate::model::Model;
 use crate::validation::Validator;
 use crate::weights::Weights;
@@ -104,6 +105,15 @@ pub(crate) fn load(
 ) -> Result<LoadedModel, LoadError> {
     let _no_grad = tch::no_grad_guard();
     check_device(device)?;
+    // An adapter folder loads as its base model with the adapter merged.
+    let adapter = if crate::lora::is_adapter_folder(dir) {
+        Some(MergeDeltas::read(dir)?)
+    } else {
+        None
+    };
+    let adapter_dir = dir;
+    let base_dir = adapter.as_ref().map(|adapter| adapter.base_dir.clone());
+    let dir = base_dir.as_deref().unwrap_or(dir);
     let metadata = read_metadata(dir)?;
     let chat_template = ChatTemplate::load(dir)?;
     let thinks = metadata.tokenizer.token_to_id("<think>").is_some()
@@ -112,8 +122,20 @@ pub(crate) fn load(
             .is_some_and(ChatTemplate::mentions_think);
     let settings = &metadata.settings;
     let dtype = dtype.or(settings.checkpoint_dtype).unwrap_or(DType::F32);
-    let weights = Weights::read(dir, dtype, device.to_tch())?;
+    let mut weights = Weights::read(dir, dtype, device.to_tch())?;
+    if let Some(adapter) = adapter {
+        weights = weights.with_adapter(adapter);
+    }
     let model = Model::load(&weights, settings, dtype.kind(), device.to_tch())?;
+    if let Some(unused) = weights.unused_adapter_weights().first() {
+        return Err(LoadError::MissingTensor {
+            path: dir.to_path_buf(),
+            tensor: format!(
+                "{unused} (named by the adapter in {})",
+                adapter_dir.display()
+            ),
+        });
+    }
     if !settings.tie_word_embeddings && !weights.contains("lm_head.weight") {
         return Err(LoadError::MissingTensor {
             path: dir.to_path_buf(),

@@ -896,6 +896,9 @@ struct PrefillChunk {
     causal: bool,
 }
 
+mod training;
+pub(crate) use training::{LoraPair, TrainingPass};
+
 #[cfg(test)]
 mod tests {
     use super::*;

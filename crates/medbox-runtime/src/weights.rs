@@ -23,6 +23,7 @@ use tch::{Kind, Tensor};
 use crate::config::DType;
 use crate::error::LoadError;
 use crate::matmul_policy::MatmulPolicy;
+use crate::lora::MergeDeltas;
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -63,6 +64,8 @@ pub(crate) struct Weights {
     /// The one read buffer (at most `CHUNK_BYTES`), reused by every `get` so
     /// that the allocator is not left holding freed chunks.
     buffer: RefCell<Vec<u8>>,
+    /// A LoRA adapter merged into the weights as they are read.
+    adapter: Option<RefCell<MergeDeltas>>,
 }
 
 impl Weights {
@@ -106,7 +109,23 @@ impl Weights {
             quantize_linears: dtype == DType::Int8,
             matmul_policy: Cell::new(MatmulPolicy::NATIVE),
             buffer: RefCell::new(Vec::new()),
+            adapter: None,
         })
+    }
+
+    /// Merges `adapter`'s updates into the weights it names as they are read.
+    pub(crate) fn with_adapter(mut self, adapter: MergeDeltas) -> Self {
+        self.adapter = Some(RefCell::new(adapter));
+        self
+    }
+
+    /// Weights the adapter updates that no `get` asked for (a mismatch
+    /// between adapter and model).
+    pub(crate) fn unused_adapter_weights(&self) -> Vec<String> {
+        self.adapter
+            .as_ref()
+            .map(|adapter| adapter.borrow().unused())
+            .unwrap_or_default()
     }
 
     /// Whether linear layers are to be quantized to int8 (`DType::Int8`).
@@ -147,12 +166,39 @@ impl Weights {
                 actual: entry.shape.clone(),
             });
         }
-        self.read_tensor(entry, file)
+        let tensor = self
+            .read_tensor(entry, file)
             .map_err(|message| LoadError::Tensor {
                 path: path.clone(),
                 tensor: name.to_string(),
                 message,
-            })
+            })?;
+        let delta = self
+            .adapter
+            .as_ref()
+            .and_then(|adapter| adapter.borrow_mut().take(name));
+        let Some(delta) = delta else {
+            return Ok(tensor);
+        };
+        // Merged in f32, then back to the engine's dtype.
+        let merged = || -> Result<Tensor, tch::TchError> {
+            if delta.size() != tensor.size() {
+                return Err(tch::TchError::Shape(format!(
+                    "the adapter's update is {:?}, the weight {:?}",
+                    delta.size(),
+                    tensor.size()
+                )));
+            }
+            tensor
+                .f_to_kind(Kind::Float)?
+                .f_add(&delta.f_to_device(self.device)?)?
+                .f_to_kind(self.kind)
+        };
+        merged().map_err(|error| LoadError::Tensor {
+            path: path.clone(),
+            tensor: name.to_string(),
+            message: format!("merging the adapter: {error}"),
+        })
     }
 
     fn read_tensor(&self, entry: &Entry, mut file: &File) -> Result<Tensor, String> {

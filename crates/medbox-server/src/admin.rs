@@ -118,11 +118,12 @@ impl AdminService {
                     reason,
                 })?,
         };
-        if !path.join("config.json").is_file() {
+        // A LoRA adapter folder loads merged onto the base model it names.
+        if !path.join("config.json").is_file() && !medbox_runtime::lora::is_adapter_folder(&path) {
             return Err(ApiError::InvalidField {
                 field: "path",
                 reason: format!(
-                    "{} is not a model folder on this box (no config.json there)",
+                    "{} is not a model folder on this box (no config.json or adapter_config.json there)",
                     path.display()
                 ),
             });

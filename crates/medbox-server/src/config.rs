@@ -794,7 +794,9 @@ impl Config {
                     name: name.clone(),
                     reason: err.to_string(),
                 })?;
-            if !model.path.join("config.json").is_file() {
+            if !model.path.join("config.json").is_file()
+                && !medbox_runtime::lora::is_adapter_folder(&model.path)
+            {
                 return Err(ConfigError::MissingModelFolder {
                     index,
                     name,

@@ -1208,9 +1208,11 @@ async fn register_one(
         .ok_or_else(|| {
             internal("the job was no longer running when its result was registered".to_owned())
         })?;
-    shared.publish(event);
-    if written.kind == medbox_finetune::OutputKind::Merged {
-        // A whole model folder: `LoadModel NAME` with no path loads the newest version.
+    {
+        // `LoadModel NAME` with no path loads the newest version: a whole
+        // model folder, or an adapter, which the runtime loads merged onto
+        // the base model its `adapter_config.json` names. Before the
+        // `succeeded` event goes out, so that a watcher can load it at once.
         let base = shared.store.get_model(&job.base_model).await.ok().flatten();
         let entry = NewModel {
             name: job.output_name.clone(),
@@ -1227,6 +1229,7 @@ async fn register_one(
             tracing::warn!(%error, "the version is registered but not yet in the model registry");
         }
     }
+    shared.publish(event);
     Ok(version)
 }
 

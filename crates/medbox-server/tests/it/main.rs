@@ -19,6 +19,7 @@ use tonic::{
 
 mod agents;
 mod authorization;
+mod finetune_lora;
 mod finetuning;
 mod knowledge;
 mod limits;
