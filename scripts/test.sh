@@ -12,6 +12,8 @@ source scripts/env.sh
 
 log "tiny model (made once, then reused from $MEDBOX_CACHE/models/tiny)"
 scripts/make-tiny-model "$MEDBOX_CACHE/models/tiny"
+log "the longer pre-trained tiny model that the LoRA acceptance test tunes (made once)"
+scripts/make-tiny-model "$MEDBOX_CACHE/models/tiny-pretrained" --train-steps 1500
 
 log "PostgreSQL on loopback for the store and end-to-end tests"
 MEDBOX_TEST_POSTGRES_URL=$(scripts/postgres.sh | tail -n 1)
