@@ -22,8 +22,8 @@ use tch::{Kind, Tensor};
 
 use crate::config::DType;
 use crate::error::LoadError;
-use crate::matmul_policy::MatmulPolicy;
 use crate::lora::MergeDeltas;
+use crate::matmul_policy::MatmulPolicy;
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
