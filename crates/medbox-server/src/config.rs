@@ -38,6 +38,7 @@ pub struct Config {
     pub finetune: FinetuneConfig,
     #[serde(default)]
     pub knowledge: KnowledgeConfig,
+    #[serde(default)]
     pub agents: AgentsConfig,
     #[serde(default)]
     pub models: Vec<ModelConfig>,
