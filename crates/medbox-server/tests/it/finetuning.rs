@@ -702,6 +702,20 @@ async fn a_restarted_medboxd_resumes_running_jobs_from_their_checkpoints() {
         .spawn()
         .unwrap();
     std::fs::write(job_dir.join("trainer.pid"), format!("{}\n", orphan.id())).unwrap();
+    // Wait until it runs its SIGTERM handler's script (its first log line
+    // comes after the trap): a fast medboxd could otherwise signal it before
+    // the shell has installed the trap, and the default action kills it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&orphan_log)
+        .unwrap_or_default()
+        .contains("from step")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphan never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // Jobs keep their places: the interrupted one is still running, the other queued.
     let after = sandbox.start("").await;

@@ -340,7 +340,16 @@ async fn metrics_are_scraped() {
     let mut unknown = greedy("hi", 2);
     unknown.model = "nope".into();
     test.inference().generate(unknown).await.unwrap_err();
-    let body = http_get(test.server.metrics_addr().unwrap(), "/metrics").await;
+    // The engine updates its load gauges after the step that ended the
+    // request, which may come just after the client has its answer.
+    let mut body = String::new();
+    for _ in 0..100 {
+        body = http_get(test.server.metrics_addr().unwrap(), "/metrics").await;
+        if body.contains("medbox_num_requests_running{model=\"tiny\"} 0") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert!(
         body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
         "{body}"
