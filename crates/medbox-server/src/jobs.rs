@@ -88,8 +88,10 @@ pub struct RunnerConfig {
 }
 
 impl RunnerConfig {
+    /// Absolute, because the trainer runs inside it and reads every path of
+    /// its spec from there (a relative `data_dir` is medboxd's).
     pub fn job_dir(&self, id: &str) -> PathBuf {
-        self.data_dir.join(JOBS_DIR).join(id)
+        absolute(&self.data_dir.join(JOBS_DIR).join(id))
     }
 }
 
@@ -961,7 +963,7 @@ fn job_spec(
             format!("dataset {} has no files", dataset.id),
         ));
     };
-    let folder = PathBuf::from(folder);
+    let folder = absolute(Path::new(folder));
     let job_dir = config.job_dir(&job.id);
     Ok(JobSpec {
         protocol_version: protocol::PROTOCOL_VERSION,
@@ -969,7 +971,7 @@ fn job_spec(
         method,
         base_model: ModelRef {
             name: job.base_model.clone(),
-            path: job.base_model_path.clone().into(),
+            path: absolute(Path::new(&job.base_model_path)),
         },
         teacher_model: job
             .teacher_model
@@ -977,7 +979,7 @@ fn job_spec(
             .zip(job.teacher_model_path.clone())
             .map(|(name, path)| ModelRef {
                 name,
-                path: path.into(),
+                path: absolute(Path::new(&path)),
             }),
         dataset: DatasetRef {
             id: dataset.id.clone(),
@@ -1331,4 +1333,10 @@ fn write_version(models_dir: &Path, seed: ManifestSeed) -> Result<WrittenVersion
 pub fn default_trainer_path() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     Some(exe.parent()?.join(protocol::TRAINER_PROGRAM))
+}
+
+/// `path` made absolute against medboxd's working directory (the trainer runs
+/// in its job folder, where a relative path would mean something else).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
