@@ -63,14 +63,8 @@ impl ContextTools {
     pub fn get(&self, name: &str) -> Option<&Arc<dyn ContextTool>> {
         self.tools.get(name)
     }
-
-    pub fn names(&self) -> Vec<&str> {
-        self.tools.keys().map(String::as_str).collect()
-    }
 }
 
-/// The name the knowledge-base search is registered under when the box has one.
-pub const KNOWLEDGE_SEARCH: &str = "knowledge_search";
 /// The name of the server's follow-up scheduling tool.
 pub const SCHEDULE_FOLLOW_UP: &str = "schedule_follow_up";
 

@@ -74,6 +74,10 @@ pub struct ModelReply {
     pub text: String,
     /// The model that actually answered (a route may be an alias or fall back).
     pub model: String,
+    /// Tokens of the prompt the model read.
+    pub prompt_tokens: u32,
+    /// Tokens the model generated (reasoning included).
+    pub completion_tokens: u32,
 }
 
 /// Why a model could not answer. The run ends with

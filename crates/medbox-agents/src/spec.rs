@@ -18,7 +18,8 @@
 //! output_schema = '''{ "type": "object", … }'''  # JSON Schema, as a JSON string
 //!
 //! [[required_tools]]                     # optional: run before the first model step
-//! tool = "lab_interpret"                 # one of `tools`
+//! tool = "lab_interpret"                 # one of `tools`, or of `optional_tools` (then
+//!                                        # it runs only where the box has it)
 //! # JSON object; a string "$input/ptr" is replaced by the input's value at
 //! # JSON pointer /ptr ("$input" alone: the whole input); the arguments may
 //! # also be such a string alone, e.g. '"$input/braden"'.
@@ -105,7 +106,7 @@ pub enum SpecProblem {
     SchemaRef(String),
     #[error("id `{id}` is already defined in `{first_file}`")]
     DuplicateId { id: String, first_file: String },
-    #[error("tool `{0}` is not among the agent's `tools`")]
+    #[error("tool `{0}` is not among the agent's `tools` or `optional_tools`")]
     RequiredToolNotListed(String),
     #[error(
         "must be a JSON object, or a string \"$input/pointer\" naming an object of the input: {0}"
@@ -562,7 +563,8 @@ fn validate(
     }
     let mut required_tools = Vec::with_capacity(file.required_tools.len());
     for (index, required) in file.required_tools.iter().enumerate() {
-        if !file.tools.contains(&required.tool) {
+        let optional = file.optional_tools.contains(&required.tool);
+        if !file.tools.contains(&required.tool) && !optional {
             return error(
                 &format!("required_tools[{index}].tool"),
                 SpecProblem::RequiredToolNotListed(required.tool.clone()),
@@ -579,6 +581,10 @@ fn validate(
                 &field,
                 SpecProblem::ArgumentsNotObject(one_line(&required.arguments)),
             );
+        }
+        // A required optional tool runs only on a box that has it.
+        if optional && !tools.contains(&required.tool) {
+            continue;
         }
         required_tools.push(RequiredTool {
             tool: required.tool.clone(),

@@ -70,6 +70,9 @@ pub struct Step {
     pub elapsed: Duration,
     /// A tool step the orchestrator ran before the first model step.
     pub required: bool,
+    /// Prompt and generated tokens of a model step (0 for other steps).
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
 }
 
 impl Step {
@@ -85,6 +88,8 @@ impl Step {
             error: None,
             elapsed,
             required: false,
+            prompt_tokens: 0,
+            completion_tokens: 0,
         }
     }
 }
@@ -120,6 +125,18 @@ pub struct AgentRun {
     pub status: RunStatus,
     pub output: Option<Value>,
     pub steps: Vec<Step>,
+}
+
+impl AgentRun {
+    /// Prompt tokens over every model step of the run.
+    pub fn prompt_tokens(&self) -> u32 {
+        self.steps.iter().map(|step| step.prompt_tokens).sum()
+    }
+
+    /// Generated tokens over every model step of the run.
+    pub fn completion_tokens(&self) -> u32 {
+        self.steps.iter().map(|step| step.completion_tokens).sum()
+    }
 }
 
 /// A run refused before any model call.
@@ -301,6 +318,8 @@ pub async fn run_agent_with(
         };
         let answer = parse_answer(&reply.text);
         model_step.model = Some(reply.model);
+        model_step.prompt_tokens = reply.prompt_tokens;
+        model_step.completion_tokens = reply.completion_tokens;
         model_step.text = Some(reply.text.clone());
         model_step.error = answer.as_ref().err().cloned();
         trace.push(model_step);

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use crate::model::{AgentModel, ModelError, ModelReply, ModelTurn};
 
+/// The prompt tokens [`ScriptedModel`] reports for every call.
+pub const SCRIPTED_PROMPT_TOKENS: u32 = 10;
+
 /// One scripted answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scripted {
@@ -61,7 +64,11 @@ impl ScriptedModel {
             .lock()
             .ok()
             .and_then(|mut script| script.pop_front());
+        // Token counts a test can predict: ten per prompt, one per byte of
+        // the answer.
         let reply = |text: String| ModelReply {
+            completion_tokens: u32::try_from(text.len()).unwrap_or(u32::MAX),
+            prompt_tokens: SCRIPTED_PROMPT_TOKENS,
             text,
             model: self.model_name.clone(),
         };

@@ -2,14 +2,13 @@
 //! a running box: model states, API keys and the audit trail.
 
 use medbox_proto::v1 as pb;
-use medbox_store::{ApiKeyRecord, AuditFilter, NewApiKey, StoreError};
-use tonic::{Code, Request, Response, Status};
+use medbox_store::{ApiKeyRecord, AuditFilter, NewApiKey};
+use tonic::{Request, Response, Status};
 
 use crate::{
     auth::SCOPES,
     config::{ModelKind, ValidModelConfig},
     error::ApiError,
-    request_log::RequestRecord,
     router::ManageError,
     state::AppState,
 };
@@ -21,20 +20,6 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(state: AppState) -> AdminService {
         AdminService { state }
-    }
-}
-
-/// Writes the record and answers.
-fn answer<T>(record: RequestRecord, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
-    match result {
-        Ok(message) => {
-            record.finish(Code::Ok, None);
-            Ok(Response::new(message))
-        }
-        Err(err) => {
-            record.finish(err.code(), Some(err.kind()));
-            Err(err.into())
-        }
     }
 }
 
@@ -67,7 +52,7 @@ impl AdminService {
                 .store
                 .get_model(&request.name)
                 .await
-                .map_err(store_error)?
+                .map_err(ApiError::from)?
                 .ok_or_else(|| ApiError::InvalidField {
                     field: "path",
                     reason: format!(
@@ -141,10 +126,6 @@ impl AdminService {
     }
 }
 
-fn store_error(err: StoreError) -> ApiError {
-    ApiError::Internal(format!("store: {err}"))
-}
-
 fn key_to_proto(record: ApiKeyRecord) -> pb::ApiKey {
     pb::ApiKey {
         id: record.id,
@@ -174,7 +155,7 @@ impl pb::admin_server::Admin for AdminService {
             .log
             .begin_for("medbox.v1.Admin/ListModels", &request);
         let models = self.state.model_statuses();
-        answer(record, Ok(pb::ListModelsResponse { models }))
+        record.answer(Ok(pb::ListModelsResponse { models }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -189,7 +170,7 @@ impl pb::admin_server::Admin for AdminService {
             storage: self.state.store.backend().as_str().to_owned(),
             models: self.state.model_statuses(),
         };
-        answer(record, Ok(response))
+        record.answer(Ok(response))
     }
 
     #[tracing::instrument(skip_all)]
@@ -209,7 +190,7 @@ impl pb::admin_server::Admin for AdminService {
                 .store
                 .upsert_model(&crate::server::registry_entry(&config, "admin"))
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
             let view = self
                 .state
                 .router
@@ -221,7 +202,7 @@ impl pb::admin_server::Admin for AdminService {
             })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -249,7 +230,7 @@ impl pb::admin_server::Admin for AdminService {
             Ok(pb::UnloadModelResponse {})
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -293,7 +274,7 @@ impl pb::admin_server::Admin for AdminService {
                     expires_at_ms: request.expires_at,
                 })
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
             tracing::info!(key_id = %created.record.id, label = %created.record.label, scopes = ?created.record.scopes, "API key created");
             Ok(pb::CreateApiKeyResponse {
                 id: created.record.id.clone(),
@@ -302,7 +283,7 @@ impl pb::admin_server::Admin for AdminService {
             })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -321,18 +302,23 @@ impl pb::admin_server::Admin for AdminService {
                 return Err(ApiError::MissingField("id"));
             }
             let store = &self.state.store;
-            if store.get_api_key(&id).await.map_err(store_error)?.is_none() {
+            if store
+                .get_api_key(&id)
+                .await
+                .map_err(ApiError::from)?
+                .is_none()
+            {
                 return Err(ApiError::KeyNotFound(id));
             }
             let revoked = store
                 .revoke_api_key(&id, crate::auth::now_ms())
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
             tracing::info!(key_id = %id, revoked, "API key revoked");
             Ok(pb::RevokeApiKeyResponse { revoked })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -352,8 +338,8 @@ impl pb::admin_server::Admin for AdminService {
             .map(|keys| pb::ListApiKeysResponse {
                 keys: keys.into_iter().map(key_to_proto).collect(),
             })
-            .map_err(store_error);
-        answer(record, result)
+            .map_err(ApiError::from);
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -405,8 +391,8 @@ impl pb::admin_server::Admin for AdminService {
                     })
                     .collect(),
             })
-            .map_err(store_error);
-        answer(record, result)
+            .map_err(ApiError::from);
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -436,7 +422,7 @@ impl pb::admin_server::Admin for AdminService {
                     reason: verdict.reason.unwrap_or_default(),
                 }
             })
-            .map_err(store_error);
-        answer(record, result)
+            .map_err(ApiError::from);
+        record.answer(result)
     }
 }

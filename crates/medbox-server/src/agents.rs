@@ -21,7 +21,7 @@ use std::{
     collections::BTreeMap,
     path::Path,
     sync::{Arc, RwLock},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use medbox_agents::{
@@ -35,7 +35,7 @@ use medbox_agents::{
 use medbox_proto::v1 as pb;
 use medbox_runtime::{
     ChatMessage, ChatRequest, Constraint, GenerationEvent, ReasoningSplitter, SamplingParams,
-    ValidationError,
+    Usage, ValidationError,
 };
 use medbox_store::{NewAgentRun, NewFollowUp, SessionRole, SpecOrigin, Store, StoreError};
 use serde_json::{Value, json};
@@ -45,6 +45,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
 use crate::{
+    auth::now_ms,
     config::{AgentsConfig, DEFAULT_AGENT_SPECS_DIR},
     error::ApiError,
     request_log::RequestRecord,
@@ -203,18 +204,25 @@ impl AgentModel for RuntimeModel {
             Err(_elapsed) => Ok(ModelReply {
                 text: String::new(),
                 model,
+                prompt_tokens: 0,
+                completion_tokens: 0,
             }),
-            Ok(Ok(text)) => Ok(ModelReply { text, model }),
+            Ok(Ok((text, usage))) => Ok(ModelReply {
+                text,
+                model,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+            }),
             Ok(Err(reason)) => Err(failed(format!("model `{model}`: {reason}"))),
         }
     }
 }
 
-/// The answer text of a generation (reasoning left out).
+/// The answer text of a generation (reasoning left out) and its token counts.
 async fn collect(
     mut stream: medbox_runtime::GenerationStream,
     mut splitter: Option<ReasoningSplitter>,
-) -> Result<String, String> {
+) -> Result<(String, Usage), String> {
     let mut text = String::new();
     while let Some(event) = stream.next().await {
         match event {
@@ -222,11 +230,11 @@ async fn collect(
                 Some(splitter) => text.push_str(&splitter.push(&delta).answer),
                 None => text.push_str(&delta),
             },
-            GenerationEvent::Finished { .. } => {
+            GenerationEvent::Finished { usage, .. } => {
                 if let Some(splitter) = &mut splitter {
                     text.push_str(&splitter.finish().answer);
                 }
-                return Ok(text);
+                return Ok((text, usage));
             }
             GenerationEvent::Failed(error) => return Err(error.to_string()),
         }
@@ -292,7 +300,7 @@ impl AgentCatalog {
                 Vec::new()
             }
         };
-        let now = unix_millis();
+        let now = now_ms();
         let mut specs = BTreeMap::new();
         for spec in file_specs {
             store
@@ -455,7 +463,7 @@ impl ContextTool for ScheduleFollowUp {
             };
             let record = self
                 .store
-                .schedule_follow_up(&follow_up, unix_millis())
+                .schedule_follow_up(&follow_up, now_ms())
                 .await
                 .map_err(|error| {
                     tracing::error!(error = %error, "scheduling a follow-up failed");
@@ -481,6 +489,7 @@ impl ContextTool for ScheduleFollowUp {
 // ---------------------------------------------------------------------------
 // The service.
 
+#[derive(Clone)]
 pub struct AgentsService {
     state: AppState,
     catalog: Arc<AgentCatalog>,
@@ -517,6 +526,27 @@ impl AgentsService {
         }
     }
 
+    /// Starts the record of a `RunAgent`-shaped call and prepares its run.
+    async fn begin_run(
+        &self,
+        method: &'static str,
+        request: Request<pb::RunAgentRequest>,
+    ) -> (RequestRecord, Result<RunSetup, ApiError>) {
+        let mut record = self.state.log.begin_for(method, &request);
+        let request = request.into_inner();
+        let request_id = record.adopt_client_request_id(&request.request_id);
+        let setup = self
+            .prepare(
+                &request.agent,
+                &request.input_json,
+                request.session_id,
+                request.patient_bundle_json,
+                request_id,
+            )
+            .await;
+        (record, setup)
+    }
+
     async fn prepare(
         &self,
         agent: &str,
@@ -543,7 +573,7 @@ impl AgentsService {
                 .store
                 .find_agent_session(id)
                 .await
-                .map_err(store_error)?
+                .map_err(ApiError::from)?
                 .ok_or_else(|| ApiError::SessionNotFound(id.clone()))?;
             if session.agent_id != spec.id() {
                 return Err(ApiError::InvalidField {
@@ -563,7 +593,7 @@ impl AgentsService {
                 .store
                 .agent_session_messages(id)
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
             let keep_from = messages.len().saturating_sub(self.max_session_turns * 2);
             history = messages[keep_from..]
                 .iter()
@@ -592,9 +622,12 @@ impl AgentsService {
 
     /// Runs an agent, records the run (and the session turn), and answers.
     #[instrument(skip_all, fields(agent = %setup.spec.id()))]
+    /// Runs the agent and records the run; the request's record is charged
+    /// the run's tokens and names the model that answered.
     async fn run(
         &self,
         setup: RunSetup,
+        record: &mut RequestRecord,
         on_step: &mut (dyn FnMut(&Step) + Send),
     ) -> Result<pb::RunAgentResponse, ApiError> {
         let RunSetup {
@@ -606,9 +639,9 @@ impl AgentsService {
             request_id,
         } = setup;
         let store = &self.state.store;
-        let run_id = store.new_agent_run_id().map_err(store_error)?;
+        let run_id = store.new_agent_run_id().map_err(ApiError::from)?;
         let mut context = ContextTools::new();
-        let today = CivilDate::from_unix_days(unix_millis().div_euclid(86_400_000));
+        let today = CivilDate::from_unix_days(now_ms().div_euclid(86_400_000));
         let follow_up: Arc<dyn ContextTool> = Arc::new(ScheduleFollowUp {
             store: store.clone(),
             run_id: run_id.clone(),
@@ -625,7 +658,7 @@ impl AgentsService {
             }
         }
         let started = Instant::now();
-        let started_at_ms = unix_millis();
+        let started_at_ms = now_ms();
         let deadline = started + Duration::from_secs(spec.timeout_seconds());
         let input_text = input.to_string();
         let run = run_agent_with(
@@ -650,6 +683,9 @@ impl AgentsService {
         })?;
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let models = models_used(&run);
+        record.prompt_tokens = run.prompt_tokens();
+        record.completion_tokens = run.completion_tokens();
+        record.model = models.first().cloned();
         let steps: Vec<pb::AgentStep> = run.steps.iter().map(step_to_proto).collect();
         let output_json = run.output.as_ref().map(Value::to_string);
         store
@@ -670,12 +706,12 @@ impl AgentsService {
                 },
             )
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::from)?;
         if let (Some(id), Some(output)) = (&session_id, &output_json) {
             store
-                .append_agent_session_turn(id, &run_id, &input_text, output, unix_millis())
+                .append_agent_session_turn(id, &run_id, &input_text, output, now_ms())
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
         }
         tracing::info!(
             status = run.status.as_str(),
@@ -693,6 +729,8 @@ impl AgentsService {
             session_id: session_id.unwrap_or_default(),
             request_id,
             agent_version: spec.version(),
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.completion_tokens,
         })
     }
 
@@ -709,17 +747,6 @@ async fn parse_bundle_off_thread(text: String) -> Result<PatientRecord, ApiError
             field: "patient_bundle_json",
             reason: error.to_string(),
         })
-}
-
-fn store_error(error: StoreError) -> ApiError {
-    ApiError::Internal(format!("store: {error}"))
-}
-
-fn unix_millis() -> i64 {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn models_used(run: &AgentRun) -> Vec<String> {
@@ -746,6 +773,8 @@ fn step_to_proto(step: &Step) -> pb::AgentStep {
         route: step.route.clone().unwrap_or_default(),
         elapsed_ms: u64::try_from(step.elapsed.as_millis()).unwrap_or(u64::MAX),
         required: step.required,
+        prompt_tokens: step.prompt_tokens,
+        completion_tokens: step.completion_tokens,
     }
 }
 
@@ -761,6 +790,8 @@ fn step_to_json(step: &Step) -> Value {
         "error": step.error,
         "elapsed_ms": u64::try_from(step.elapsed.as_millis()).unwrap_or(u64::MAX),
         "required": step.required,
+        "prompt_tokens": step.prompt_tokens,
+        "completion_tokens": step.completion_tokens,
     })
 }
 
@@ -789,20 +820,6 @@ fn agent_to_proto(spec: &AgentSpec) -> pb::AgentInfo {
     }
 }
 
-/// Writes the record and answers.
-fn answer<T>(record: RequestRecord, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
-    match result {
-        Ok(message) => {
-            record.finish(Code::Ok, None);
-            Ok(Response::new(message))
-        }
-        Err(err) => {
-            record.finish(err.code(), Some(err.kind()));
-            Err(err.into())
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl pb::agents_server::Agents for AgentsService {
     type RunAgentStreamStream = ReceiverStream<Result<pb::RunAgentStreamResponse, Status>>;
@@ -822,7 +839,7 @@ impl pb::agents_server::Agents for AgentsService {
             .iter()
             .map(|spec| agent_to_proto(spec))
             .collect();
-        answer(record, Ok(pb::ListAgentsResponse { agents }))
+        record.answer(Ok(pb::ListAgentsResponse { agents }))
     }
 
     #[instrument(skip_all)]
@@ -841,7 +858,7 @@ impl pb::agents_server::Agents for AgentsService {
                     agent: Some(agent_to_proto(&spec)),
                     spec_toml: spec.source().to_owned(),
                 });
-        answer(record, result)
+        record.answer(result)
     }
 
     #[instrument(skip_all)]
@@ -849,26 +866,12 @@ impl pb::agents_server::Agents for AgentsService {
         &self,
         request: Request<pb::RunAgentRequest>,
     ) -> Result<Response<pb::RunAgentResponse>, Status> {
-        let mut record = self
-            .state
-            .log
-            .begin_for("medbox.v1.Agents/RunAgent", &request);
-        let request = request.into_inner();
-        let request_id = record.adopt_client_request_id(&request.request_id);
-        let setup = self
-            .prepare(
-                &request.agent,
-                &request.input_json,
-                request.session_id,
-                request.patient_bundle_json,
-                request_id,
-            )
-            .await;
+        let (mut record, setup) = self.begin_run("medbox.v1.Agents/RunAgent", request).await;
         let result = match setup {
-            Ok(setup) => self.run(setup, &mut |_| {}).await,
+            Ok(setup) => self.run(setup, &mut record, &mut |_| {}).await,
             Err(error) => Err(error),
         };
-        answer(record, result)
+        record.answer(result)
     }
 
     #[instrument(skip_all)]
@@ -876,36 +879,18 @@ impl pb::agents_server::Agents for AgentsService {
         &self,
         request: Request<pb::RunAgentRequest>,
     ) -> Result<Response<Self::RunAgentStreamStream>, Status> {
-        let mut record = self
-            .state
-            .log
-            .begin_for("medbox.v1.Agents/RunAgentStream", &request);
-        let request = request.into_inner();
-        let request_id = record.adopt_client_request_id(&request.request_id);
-        let setup = match self
-            .prepare(
-                &request.agent,
-                &request.input_json,
-                request.session_id,
-                request.patient_bundle_json,
-                request_id,
-            )
-            .await
-        {
+        let (mut record, setup) = self
+            .begin_run("medbox.v1.Agents/RunAgentStream", request)
+            .await;
+        let setup = match setup {
             Ok(setup) => setup,
-            Err(error) => return answer(record, Err(error)),
+            Err(error) => return Err(record.fail(error)),
         };
         // Room for every step a run can record and the result, so that the
         // step callback never has to wait.
         let capacity = 2 * setup.spec.max_steps() as usize + setup.spec.required_tools().len() + 2;
         let (sender, receiver) = mpsc::channel(capacity);
-        let service = AgentsService {
-            state: self.state.clone(),
-            catalog: self.catalog.clone(),
-            model: self.model.clone(),
-            shared_tools: self.shared_tools.clone(),
-            max_session_turns: self.max_session_turns,
-        };
+        let service = self.clone();
         tokio::spawn(async move {
             let step_sender = sender.clone();
             let mut on_step = move |step: &Step| {
@@ -918,7 +903,7 @@ impl pb::agents_server::Agents for AgentsService {
                 // client went away, and the run still finishes and is recorded.
                 let _client_may_be_gone = step_sender.try_send(Ok(message));
             };
-            match service.run(setup, &mut on_step).await {
+            match service.run(setup, &mut record, &mut on_step).await {
                 Ok(result) => {
                     record.finish(Code::Ok, None);
                     let _client_may_be_gone = sender
@@ -930,8 +915,7 @@ impl pb::agents_server::Agents for AgentsService {
                         .await;
                 }
                 Err(error) => {
-                    record.finish(error.code(), Some(error.kind()));
-                    let _client_may_be_gone = sender.send(Err(error.into())).await;
+                    let _client_may_be_gone = sender.send(Err(record.fail(error))).await;
                 }
             }
         });
@@ -960,16 +944,16 @@ impl pb::agents_server::Agents for AgentsService {
             let session = self
                 .state
                 .store
-                .create_agent_session(spec.id(), bundle.as_deref(), unix_millis())
+                .create_agent_session(spec.id(), bundle.as_deref(), now_ms())
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
             Ok(pb::CreateSessionResponse {
                 session_id: session.id,
                 agent: session.agent_id,
             })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[instrument(skip_all)]
@@ -992,7 +976,7 @@ impl pb::agents_server::Agents for AgentsService {
                 .store
                 .find_agent_session(&request.session_id)
                 .await
-                .map_err(store_error)?
+                .map_err(ApiError::from)?
                 .ok_or_else(|| ApiError::SessionNotFound(request.session_id.clone()))?;
             let setup = self
                 .prepare(
@@ -1003,13 +987,13 @@ impl pb::agents_server::Agents for AgentsService {
                     request_id,
                 )
                 .await?;
-            let result = self.run(setup, &mut |_| {}).await?;
+            let result = self.run(setup, &mut record, &mut |_| {}).await?;
             let turns = self
                 .state
                 .store
                 .agent_session_messages(&session.id)
                 .await
-                .map_err(store_error)?
+                .map_err(ApiError::from)?
                 .len()
                 / 2;
             Ok(pb::SendMessageResponse {
@@ -1018,7 +1002,7 @@ impl pb::agents_server::Agents for AgentsService {
             })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[instrument(skip_all)]
@@ -1040,7 +1024,7 @@ impl pb::agents_server::Agents for AgentsService {
         }
         .await
         .map(|agent| pb::CreateAgentResponse { agent: Some(agent) });
-        answer(record, result)
+        record.answer(result)
     }
 
     #[instrument(skip_all)]
@@ -1080,7 +1064,7 @@ impl pb::agents_server::Agents for AgentsService {
         }
         .await
         .map(|agent| pb::UpdateAgentResponse { agent: Some(agent) });
-        answer(record, result)
+        record.answer(result)
     }
 }
 
@@ -1114,10 +1098,10 @@ impl AgentsService {
                 spec.version(),
                 spec.source(),
                 SpecOrigin::Api,
-                unix_millis(),
+                now_ms(),
             )
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::from)?;
         if !inserted {
             return Err(ApiError::InvalidField {
                 field: "spec_toml",

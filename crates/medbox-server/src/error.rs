@@ -163,6 +163,14 @@ impl ApiError {
     }
 }
 
+/// The store failing is the box's fault, never the caller's: logged in full,
+/// answered as INTERNAL without the detail.
+impl From<medbox_store::StoreError> for ApiError {
+    fn from(error: medbox_store::StoreError) -> ApiError {
+        ApiError::Internal(format!("store: {error}"))
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Status {
         if let ApiError::Internal(detail) = &err {

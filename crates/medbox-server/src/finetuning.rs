@@ -16,7 +16,7 @@ use medbox_finetune::{
 use medbox_proto::v1 as pb;
 use medbox_store::{
     DatasetRecord, DatasetState, JobEventKind, JobEventRecord, JobFilter, JobRecord, JobState,
-    NewJob, StoreError,
+    NewJob,
 };
 use tokio::{io::AsyncWriteExt, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -74,10 +74,6 @@ impl FineTuningService {
     }
 }
 
-fn store_error(err: StoreError) -> ApiError {
-    ApiError::Internal(format!("store: {err}"))
-}
-
 fn runner_error(err: RunnerError) -> ApiError {
     match err {
         RunnerError::QueueFull { limit } => ApiError::JobQueueFull { limit },
@@ -87,21 +83,7 @@ fn runner_error(err: RunnerError) -> ApiError {
             state: state.as_str(),
         },
         RunnerError::Stopped => ApiError::ShuttingDown,
-        RunnerError::Store(err) => store_error(err),
-    }
-}
-
-/// Writes the record and answers.
-fn answer<T>(record: RequestRecord, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
-    match result {
-        Ok(message) => {
-            record.finish(Code::Ok, None);
-            Ok(Response::new(message))
-        }
-        Err(err) => {
-            record.finish(err.code(), Some(err.kind()));
-            Err(err.into())
-        }
+        RunnerError::Store(err) => err.into(),
     }
 }
 
@@ -210,7 +192,12 @@ impl FineTuningService {
         if name.is_empty() {
             return Err(ApiError::MissingField(field));
         }
-        let models = self.state.store.list_models().await.map_err(store_error)?;
+        let models = self
+            .state
+            .store
+            .list_models()
+            .await
+            .map_err(ApiError::from)?;
         let model = models
             .into_iter()
             .find(|model| model.name == name || model.aliases.iter().any(|alias| alias == name))
@@ -285,7 +272,7 @@ impl FineTuningService {
             .store
             .find_dataset(&request.dataset)
             .await
-            .map_err(store_error)?
+            .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::DatasetNotFound(request.dataset.clone()))?;
         if dataset.state != DatasetState::Accepted {
             return Err(ApiError::DatasetRejected {
@@ -298,7 +285,7 @@ impl FineTuningService {
             .store
             .get_model(&request.output_name)
             .await
-            .map_err(store_error)?
+            .map_err(ApiError::from)?
             && existing.source != "finetune"
         {
             return Err(ApiError::InvalidField {
@@ -348,7 +335,7 @@ impl FineTuningService {
                 let name = store
                     .find_dataset(&job.dataset_id)
                     .await
-                    .map_err(store_error)?
+                    .map_err(ApiError::from)?
                     .map(|dataset| dataset.name)
                     .unwrap_or_default();
                 dataset_names.insert(job.dataset_id.clone(), name.clone());
@@ -359,7 +346,7 @@ impl FineTuningService {
             Some(id) => store
                 .get_model_version_by_id(id)
                 .await
-                .map_err(store_error)?,
+                .map_err(ApiError::from)?,
             None => None,
         };
         Ok(pb::Job {
@@ -415,7 +402,7 @@ impl FineTuningService {
         let header = valid_header(header)?;
         record.model = Some(header.name.clone());
         let store = &self.state.store;
-        let id = store.new_dataset_id().map_err(store_error)?;
+        let id = store.new_dataset_id().map_err(ApiError::from)?;
         let datasets_dir = self.finetune.datasets_dir.clone();
         let upload = UploadFile::create(&datasets_dir, &id).await?;
         let received = self.receive(&mut stream, &upload).await;
@@ -440,7 +427,7 @@ impl FineTuningService {
         let dataset = store
             .create_dataset(&id, &new_dataset, now_ms())
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::from)?;
         tracing::info!(
             dataset_id = %dataset.id,
             state = %dataset.state,
@@ -643,7 +630,7 @@ async fn send_stored(
         let page = store
             .list_job_events(job_id, *last_id, EVENT_PAGE)
             .await
-            .map_err(|err| WatchEnd::Failed(store_error(err)))?;
+            .map_err(|err| WatchEnd::Failed(err.into()))?;
         let full_page = page.len() == EVENT_PAGE as usize;
         for event in page {
             *last_id = event.id;
@@ -725,7 +712,7 @@ impl pb::fine_tuning_server::FineTuning for FineTuningService {
             .map(|dataset| pb::UploadDatasetResponse {
                 dataset: Some(dataset),
             });
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -745,8 +732,8 @@ impl pb::fine_tuning_server::FineTuning for FineTuningService {
             .map(|datasets| pb::ListDatasetsResponse {
                 datasets: datasets.into_iter().map(dataset_to_proto).collect(),
             })
-            .map_err(store_error);
-        answer(record, result)
+            .map_err(ApiError::from);
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -768,7 +755,7 @@ impl pb::fine_tuning_server::FineTuning for FineTuningService {
             })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -791,14 +778,14 @@ impl pb::fine_tuning_server::FineTuning for FineTuningService {
                 .store
                 .get_job(&id)
                 .await
-                .map_err(store_error)?
+                .map_err(ApiError::from)?
                 .ok_or_else(|| ApiError::JobNotFound(id.clone()))?;
             Ok(pb::GetJobResponse {
                 job: Some(self.one_job_to_proto(job).await?),
             })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -829,7 +816,7 @@ impl pb::fine_tuning_server::FineTuning for FineTuningService {
                     limit: request.limit,
                 })
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
             let mut names = HashMap::new();
             let mut listed = Vec::with_capacity(jobs.len());
             for job in jobs {
@@ -838,7 +825,7 @@ impl pb::fine_tuning_server::FineTuning for FineTuningService {
             Ok(pb::ListJobsResponse { jobs: listed })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -867,7 +854,7 @@ impl pb::fine_tuning_server::FineTuning for FineTuningService {
             })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
@@ -891,7 +878,7 @@ impl pb::fine_tuning_server::FineTuning for FineTuningService {
                 .store
                 .get_job(&id)
                 .await
-                .map_err(store_error)?
+                .map_err(ApiError::from)?
                 .ok_or_else(|| ApiError::JobNotFound(id.clone()))
         }
         .await;
@@ -929,11 +916,11 @@ impl FineTuningService {
         if let Some((record, _)) = store
             .transition_job(id, &transition)
             .await
-            .map_err(store_error)?
+            .map_err(ApiError::from)?
         {
             return Ok(record);
         }
-        match store.get_job(id).await.map_err(store_error)? {
+        match store.get_job(id).await.map_err(ApiError::from)? {
             None => Err(ApiError::JobNotFound(id.to_owned())),
             Some(record) => Err(ApiError::JobFinished {
                 id: id.to_owned(),

@@ -318,7 +318,7 @@ async fn answer_unary<T>(
 ) -> Result<Response<T>, Status> {
     let submitted = match submitted {
         Ok(submitted) => submitted,
-        Err(err) => return Err(fail(record, err)),
+        Err(err) => return Err(record.fail(err)),
     };
     match submitted.collect(&mut record).await {
         Ok(answer) => {
@@ -326,7 +326,7 @@ async fn answer_unary<T>(
             record.finish(Code::Ok, None);
             Ok(Response::new(build(answer, model)))
         }
-        Err(err) => Err(fail(record, err)),
+        Err(err) => Err(record.fail(err)),
     }
 }
 
@@ -338,14 +338,8 @@ fn answer_stream<T: Send + 'static>(
 ) -> Result<Response<ReceiverStream<Result<T, Status>>>, Status> {
     match submitted {
         Ok(submitted) => Ok(Response::new(submitted.forward(record, to_proto))),
-        Err(err) => Err(fail(record, err)),
+        Err(err) => Err(record.fail(err)),
     }
-}
-
-/// Writes the record and turns the error into a status.
-fn fail(record: RequestRecord, err: ApiError) -> Status {
-    record.finish(err.code(), Some(err.kind()));
-    err.into()
 }
 
 #[tonic::async_trait]
@@ -462,11 +456,11 @@ impl pb::inference_server::Inference for InferenceService {
         let request = request.into_inner();
         record.adopt_client_request_id(&request.request_id);
         if request.model.is_empty() {
-            return Err(fail(record, ApiError::MissingField("model")));
+            return Err(record.fail(ApiError::MissingField("model")));
         }
         let (model, embedder) = match self.state.router.embedding(&request.model, "Embed") {
             Ok(found) => found,
-            Err(err) => return Err(fail(record, err)),
+            Err(err) => return Err(record.fail(err)),
         };
         record.model = Some(model.clone());
         let dimensions = u32::try_from(embedder.info().dimensions).unwrap_or(u32::MAX);
@@ -483,8 +477,8 @@ impl pb::inference_server::Inference for InferenceService {
                     request_id: request.request_id,
                 }))
             }
-            Err(EmbedError::Invalid(err)) => Err(fail(record, ApiError::Invalid(err))),
-            Err(EmbedError::Engine(err)) => Err(fail(record, ApiError::from_engine(&model, err))),
+            Err(EmbedError::Invalid(err)) => Err(record.fail(ApiError::Invalid(err))),
+            Err(EmbedError::Engine(err)) => Err(record.fail(ApiError::from_engine(&model, err))),
         }
     }
 
@@ -500,7 +494,7 @@ impl pb::inference_server::Inference for InferenceService {
         let request = request.into_inner();
         let engine = match self.engine(&request.model, "Tokenize", &mut record) {
             Ok(engine) => engine,
-            Err(err) => return Err(fail(record, err)),
+            Err(err) => return Err(record.fail(err)),
         };
         match engine.tokenize(&request.text) {
             Ok(tokens) => {
@@ -518,10 +512,7 @@ impl pb::inference_server::Inference for InferenceService {
             }
             Err(err) => {
                 let model = record.model.clone().unwrap_or_default();
-                Err(fail(
-                    record,
-                    ApiError::Internal(format!("model `{model}`: {err}")),
-                ))
+                Err(record.fail(ApiError::Internal(format!("model `{model}`: {err}"))))
             }
         }
     }

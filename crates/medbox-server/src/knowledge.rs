@@ -30,13 +30,12 @@ use medbox_store::{
     KnowledgeDocumentRecord, KnowledgeInsert, NewKnowledgeChunk, NewKnowledgeDocument, Store,
     StoreError,
 };
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use crate::{
     auth::now_ms,
     config::{KnowledgeConfig, ValidModelConfig},
     error::ApiError,
-    request_log::RequestRecord,
     router::ModelRouter,
     state::AppState,
 };
@@ -392,7 +391,7 @@ impl KnowledgeContext {
             .store
             .find_knowledge_document_by_sha256(&sha256)
             .await
-            .map_err(store_error)?
+            .map_err(ApiError::from)?
         {
             return Ok(Added::AlreadyPresent(existing));
         }
@@ -424,7 +423,7 @@ impl KnowledgeContext {
             .store
             .insert_knowledge_document(&new, now_ms())
             .await
-            .map_err(store_error)?
+            .map_err(ApiError::from)?
         {
             KnowledgeInsert::Inserted(record) => {
                 self.base
@@ -478,10 +477,6 @@ fn stored_chunks(stored: Vec<medbox_store::KnowledgeChunkRecord>) -> Vec<Embedde
             vector: chunk.vector,
         })
         .collect()
-}
-
-fn store_error(err: StoreError) -> ApiError {
-    ApiError::Internal(format!("store: {err}"))
 }
 
 /// The knowledge base's errors as the API answers them.
@@ -567,21 +562,6 @@ impl KnowledgeService {
     }
 }
 
-fn fail(record: RequestRecord, err: ApiError) -> Status {
-    record.finish(err.code(), Some(err.kind()));
-    err.into()
-}
-
-fn answer<T>(record: RequestRecord, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
-    match result {
-        Ok(message) => {
-            record.finish(Code::Ok, None);
-            Ok(Response::new(message))
-        }
-        Err(err) => Err(fail(record, err)),
-    }
-}
-
 #[tonic::async_trait]
 impl pb::knowledge_server::Knowledge for KnowledgeService {
     #[tracing::instrument(skip_all)]
@@ -629,7 +609,7 @@ impl pb::knowledge_server::Knowledge for KnowledgeService {
             })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -646,13 +626,13 @@ impl pb::knowledge_server::Knowledge for KnowledgeService {
             .store
             .list_knowledge_documents()
             .await
-            .map_err(store_error)
+            .map_err(ApiError::from)
             .map(|documents| pb::ListDocumentsResponse {
                 documents: documents.into_iter().map(document_to_proto).collect(),
                 indexed_chunks: self.knowledge.base.chunk_count() as u64,
                 ingesting: self.knowledge.ingesting(),
             });
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -674,7 +654,7 @@ impl pb::knowledge_server::Knowledge for KnowledgeService {
                 .store
                 .delete_knowledge_document(&id)
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
             // Out of the index whatever the store said: the store is the truth.
             self.knowledge.base.remove(&id);
             if !deleted {
@@ -684,7 +664,7 @@ impl pb::knowledge_server::Knowledge for KnowledgeService {
             Ok(pb::DeleteDocumentResponse {})
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 
     #[tracing::instrument(skip_all)]
@@ -741,7 +721,7 @@ impl pb::knowledge_server::Knowledge for KnowledgeService {
             })
         }
         .await;
-        answer(record, result)
+        record.answer(result)
     }
 }
 

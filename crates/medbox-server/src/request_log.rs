@@ -7,11 +7,7 @@
 //! (the database is slower than the traffic) the entry is dropped with an
 //! error log rather than slowing the answer down.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Instant, SystemTime, UNIX_EPOCH},
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use medbox_store::{NewAuditEvent, NewRequestLog, Store};
 use tokio::{
@@ -19,7 +15,9 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{auth::Caller, deadline::RequestId, limits::KeyLimiter, metrics::Metrics};
+use crate::{
+    auth::Caller, deadline::RequestId, error::ApiError, limits::KeyLimiter, metrics::Metrics,
+};
 
 const QUEUE_CAPACITY: usize = 1024;
 
@@ -102,7 +100,7 @@ impl RequestLogger {
             logger: self.clone(),
             caller: caller.cloned(),
             started: Instant::now(),
-            started_at_ms: unix_millis(),
+            started_at_ms: crate::auth::now_ms(),
             method,
             client_addr,
             model: None,
@@ -232,6 +230,27 @@ impl RequestRecord {
         self.write(code, error_kind);
     }
 
+    /// Writes the entry of a failed call and gives the client's status.
+    pub fn fail(self, error: ApiError) -> tonic::Status {
+        self.finish(error.code(), Some(error.kind()));
+        error.into()
+    }
+
+    /// Writes the entry and answers a unary call: the message, or the
+    /// error's status.
+    pub fn answer<T>(
+        self,
+        result: Result<T, ApiError>,
+    ) -> Result<tonic::Response<T>, tonic::Status> {
+        match result {
+            Ok(message) => {
+                self.finish(tonic::Code::Ok, None);
+                Ok(tonic::Response::new(message))
+            }
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+
     fn write(&mut self, code: tonic::Code, error_kind: Option<&str>) {
         self.written = true;
         self.observe(code);
@@ -289,11 +308,4 @@ impl RequestRecord {
             tracing::error!("the audit queue is full; an RPC record was dropped");
         }
     }
-}
-
-fn unix_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

@@ -185,6 +185,7 @@ fn bundled_specs_dir() -> PathBuf {
 fn server_context_tools() -> Vec<&'static str> {
     let mut names = crate::patient::TOOL_NAMES.to_vec();
     names.push(crate::context::SCHEDULE_FOLLOW_UP);
+    names.push(crate::knowledge::KNOWLEDGE_SEARCH_TOOL);
     names
 }
 
@@ -245,6 +246,7 @@ fn an_optional_tool_is_used_only_when_the_box_has_it() {
     let registry = ToolRegistry::medical();
     let without = AgentSpec::from_toml_str("guideline_qa.toml", &text, &registry).unwrap();
     assert!(without.tools().is_empty());
+    assert!(without.required_tools().is_empty());
     let with = AgentSpec::from_toml_str_with(
         "guideline_qa.toml",
         &text,
@@ -255,6 +257,12 @@ fn an_optional_tool_is_used_only_when_the_box_has_it() {
     )
     .unwrap();
     assert_eq!(with.tools(), ["knowledge_search"]);
+    // Searched before the first model step, with the question.
+    assert_eq!(with.required_tools().len(), 1);
+    let arguments = with.required_tools()[0]
+        .arguments_for(&serde_json::json!({"question": "q"}))
+        .unwrap();
+    assert_eq!(arguments, serde_json::json!({"query": "q"}));
 }
 
 #[test]

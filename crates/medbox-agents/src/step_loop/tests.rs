@@ -13,7 +13,7 @@ use crate::step_loop::{
     AgentRun, Answer, RunError, RunStatus, Step, build_step_schema, parse_answer, run_agent,
     run_agent_streaming,
 };
-use crate::test_support::{Scripted, ScriptedModel, block_on};
+use crate::test_support::{SCRIPTED_PROMPT_TOKENS, Scripted, ScriptedModel, block_on};
 
 const SPEC: &str = r#"
 id = "demo_bmi"
@@ -355,6 +355,18 @@ fn a_session_keeps_only_its_last_turns() {
     };
     assert!(!history.record_run(&input(), &unfinished));
     assert_eq!(history.turns(), 2);
+}
+
+#[test]
+fn a_run_sums_the_tokens_of_its_model_steps() {
+    let model = ScriptedModel::replies([CALL_BMI, FINAL]);
+    let run = run(&model, &[], in_a_minute());
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.prompt_tokens(), 2 * SCRIPTED_PROMPT_TOKENS);
+    assert_eq!(
+        run.completion_tokens() as usize,
+        CALL_BMI.len() + FINAL.len()
+    );
 }
 
 #[test]

@@ -18,7 +18,14 @@ use medbox_proto::v1::{self as pb, agents_client::AgentsClient};
 use serde_json::Value;
 use tonic::{Code, transport::Channel};
 
-use crate::{Authed, Bearer, TestServer, finish_start, load_config, tiny_model};
+use crate::{
+    Authed, Bearer, TestServer, finish_start,
+    knowledge::{
+        corpus::{self, Language},
+        knowledge, knowledge_section, minilm_model, wait_for_ingestion,
+    },
+    load_config, tiny_model,
+};
 
 const LONG_CONTEXT: u64 = 16_384;
 
@@ -44,17 +51,40 @@ fn long_context_tiny(into: &Path) -> PathBuf {
     folder
 }
 
+/// The diabetes guideline of the knowledge test's corpus, in both languages:
+/// what `guideline_qa`'s example question is about.
+fn guideline_folder(into: &Path) -> PathBuf {
+    let folder = into.join("guidelines");
+    std::fs::create_dir_all(&folder).unwrap();
+    for language in [Language::Chinese, Language::English] {
+        std::fs::write(
+            folder.join(format!("diabetes-{}.md", language.as_str())),
+            corpus::document(DIABETES, language),
+        )
+        .unwrap();
+    }
+    folder
+}
+
+const DIABETES: usize = 1;
+
+/// medboxd with the bundled agents on the long-context tiny model, and a
+/// knowledge base (MiniLM) holding one guideline, indexed before it answers.
 async fn start_agents() -> TestServer {
     let data = tempfile::tempdir().unwrap();
     let model = long_context_tiny(data.path());
+    let guidelines = guideline_folder(data.path());
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace_seconds = 20\n\
          [storage]\ndata_dir = \"{}\"\n\
          [agents]\nspecs_dir = \"{}\"\ndefault_model = \"medical\"\n\
-         [[models]]\nname = \"tiny\"\npath = \"{}\"\naliases = [\"medical\"]\n",
+         {}\
+         [[models]]\nname = \"tiny\"\npath = \"{}\"\naliases = [\"medical\"]\n{}",
         data.path().join("data").display(),
         specs_dir().display(),
-        model.display()
+        knowledge_section(&guidelines),
+        model.display(),
+        minilm_model(),
     );
     let config = load_config(&text, data.path());
     let server = medbox_server::start(config).await.expect("medboxd starts");
@@ -63,7 +93,10 @@ async fn start_agents() -> TestServer {
         .connect()
         .await
         .unwrap();
-    finish_start(server, channel, data).await
+    let test = finish_start(server, channel, data).await;
+    let indexed = wait_for_ingestion(&mut knowledge(&test, &test.admin_key)).await;
+    assert_eq!(indexed.documents.len(), 2, "both guideline files indexed");
+    test
 }
 
 impl TestServer {
@@ -146,6 +179,15 @@ async fn agents_every_bundled_agent_answers_valid_against_its_schema() {
             .collect();
         assert!(errors.is_empty(), "{}: {errors:?}", agent.id);
         assert_eq!(response.models, ["tiny"], "{}", agent.id);
+        // The run is charged what its model steps read and wrote.
+        let model_tokens =
+            |tokens: fn(&pb::AgentStep) -> u32| -> u32 { response.steps.iter().map(tokens).sum() };
+        assert!(response.prompt_tokens > 0 && response.completion_tokens > 0);
+        assert_eq!(response.prompt_tokens, model_tokens(|s| s.prompt_tokens));
+        assert_eq!(
+            response.completion_tokens,
+            model_tokens(|s| s.completion_tokens)
+        );
         let last = response.steps.last().unwrap();
         assert_eq!(last.kind, "final");
         assert_eq!(last.result_json, response.output_json);
@@ -164,6 +206,24 @@ async fn agents_every_bundled_agent_answers_valid_against_its_schema() {
                 step.error
             );
             assert!(!step.arguments_json.is_empty() && !step.result_json.is_empty());
+        }
+        if agent.id == "guideline_qa" {
+            // The question was searched first; the best passage is the
+            // diabetes guideline's treatment section, in the question's
+            // language, with what a citation needs.
+            let search = response
+                .steps
+                .iter()
+                .find(|s| s.required && s.tool == "knowledge_search")
+                .expect("guideline_qa searched the knowledge base");
+            let found: Value = serde_json::from_str(&search.result_json).unwrap();
+            let best = &found["passages"][0];
+            assert_eq!(best["source"], "diabetes-zh.md", "{found:#}");
+            assert!(
+                best["text"].as_str().unwrap().contains("二甲双胍"),
+                "{found:#}"
+            );
+            assert!(!best["citation"].as_str().unwrap().is_empty());
         }
         if !agent.tools.is_empty() {
             assert!(

@@ -17,7 +17,7 @@ use tonic::{Code, transport::Channel};
 
 use crate::{Authed, Bearer, TestServer, config_text, finish_start, load_config, start};
 
-mod corpus;
+pub(crate) mod corpus;
 
 use corpus::{Language, QUERIES, TOPICS};
 
@@ -37,14 +37,14 @@ fn minilm() -> &'static Path {
     })
 }
 
-fn minilm_model() -> String {
+pub(crate) fn minilm_model() -> String {
     format!(
         "[[models]]\nname = \"minilm\"\npath = \"{}\"\nkind = \"embedding\"\naliases = [\"embedder\"]\n",
         minilm().display()
     )
 }
 
-fn knowledge_section(dir: &Path) -> String {
+pub(crate) fn knowledge_section(dir: &Path) -> String {
     format!(
         "[knowledge]\ndir = \"{}\"\nembedding_model = \"embedder\"\n",
         dir.display()
@@ -67,13 +67,15 @@ async fn start_in(data: tempfile::TempDir, extra_models: &str, sections: &str) -
     finish_start(server, channel, data).await
 }
 
-fn knowledge(test: &TestServer, key: &str) -> KnowledgeClient<Authed> {
+pub(crate) fn knowledge(test: &TestServer, key: &str) -> KnowledgeClient<Authed> {
     KnowledgeClient::with_interceptor(test.channel.clone(), Bearer::new(Some(key)))
         .max_decoding_message_size(16 << 20)
 }
 
 /// Waits until start-up ingestion is over; answers the document list.
-async fn wait_for_ingestion(client: &mut KnowledgeClient<Authed>) -> pb::ListDocumentsResponse {
+pub(crate) async fn wait_for_ingestion(
+    client: &mut KnowledgeClient<Authed>,
+) -> pb::ListDocumentsResponse {
     for _ in 0..6000 {
         let listed = client
             .list_documents(pb::ListDocumentsRequest {})
