@@ -89,7 +89,7 @@ class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 class Medboxd:
     """A medboxd process with its own config, data directory and port."""
 
-    def __init__(self, workdir: pathlib.Path, storage: str, extra_config: str = ""):
+    def __init__(self, workdir: pathlib.Path, storage: str, extra_config: str = "", log_name="medboxd.log"):
         self.channel = None
         assert (TINY_MODEL / "config.json").is_file(), f"no tiny model at {TINY_MODEL}: run scripts/make-tiny-model"
         self.port = free_port()
@@ -106,7 +106,7 @@ class Medboxd:
             f'[[models]]\nname = "minilm"\npath = "{minilm_path()}"\nkind = "embedding"\n'
             f"{extra_config}"
         )
-        self.log_path = workdir / "medboxd.log"
+        self.log_path = workdir / log_name
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(BIN_DIR / "medboxd"), "--config", str(self.config)],

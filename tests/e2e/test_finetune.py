@@ -1,7 +1,9 @@
 """Fine-tuning from the command line, against a real medboxd process whose
-trainer is the TEST DOUBLE tests/test-doubles/fake-trainer (the real
-medbox-trainer is not built yet): upload, reject, create, watch, list, cancel,
-with medboxctl's JSON output and exit codes."""
+trainer is the TEST DOUBLE tests/test-doubles/fake-trainer (its outcome is
+scripted by the output name: success, an out-of-memory failure, a slow job to
+cancel): upload, reject, create, watch, list, cancel, with medboxctl's JSON
+output and exit codes. The real trainer runs in test_finetune_resume.py and
+in the crates' tests."""
 
 import json
 import subprocess

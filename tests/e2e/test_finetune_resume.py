@@ -1,0 +1,115 @@
+"""SIGKILL of medboxd in the middle of a fine-tuning job, with the real
+medbox-trainer on the tiny model: the next medboxd stops the trainer the dead
+one left behind, resumes the job from its last checkpoint, and the job
+finishes with the loss curve of an uninterrupted run of the same job."""
+
+import json
+import random
+import signal
+import subprocess
+
+from conftest import BIN_DIR, Medboxd
+
+CONFIG = "[finetune]\ncheckpoint_every = 4\ncancel_grace_seconds = 10\n"
+
+
+def lab_flag_dataset(path, count=160, seed=7):
+    """Potassium value -> flag, as alpaca lines."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        value = round(rng.uniform(2.5, 6.5), 1)
+        flag = "L" if value < 3.5 else "H" if value > 5.3 else "N"
+        lines.append(json.dumps({"instruction": "Flag this potassium (mmol/L)", "input": f"K {value}", "output": flag}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+class Ctl:
+    def __init__(self, server):
+        self.server = server
+
+    def args(self, *args):
+        return [str(BIN_DIR / "medboxctl"), "--addr", self.server.addr, "--key", self.server.admin_key, "--json", *args]
+
+    def __call__(self, *args):
+        result = subprocess.run(self.args(*args), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"medboxctl {' '.join(args)}: {result.stderr}"
+        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def losses(events):
+    """step -> every loss reported for it (a resumed job repeats the steps after its checkpoint)."""
+    by_step = {}
+    for event in events:
+        if event["kind"] == "progress":
+            by_step.setdefault(event["step"], []).append(event["loss"])
+    return by_step
+
+
+def create(ctl, output):
+    return ctl("finetune", "create", "--base", "medical", "--dataset", "k-flags", "--method", "lora",
+               "--epochs", "2", "--batch-size", "4", "--seed", "11", "--output", output)[0]["id"]
+
+
+def test_sigkill_of_medboxd_mid_job_resumes_with_the_same_losses(tmp_path):
+    server = Medboxd(tmp_path, "sqlite", extra_config=CONFIG)
+    try:
+        ctl = Ctl(server)
+        dataset = tmp_path / "k.jsonl"
+        lab_flag_dataset(dataset)
+        ctl("datasets", "upload", str(dataset), "--name", "k-flags", "--format", "alpaca")
+
+        # The reference: the job run without interruption.
+        reference_id = create(ctl, "k-reference")
+        reference = ctl("finetune", "watch", reference_id)
+        assert reference[-1]["state"] == "succeeded", reference[-1]
+        reference_losses = losses(reference)
+        total = max(reference_losses)
+        assert total >= 30, f"{total} steps leave no room to kill it mid-job"
+
+        # The same job again; medboxd dies at its second checkpoint.
+        job_id = create(ctl, "k-killed")
+        watch = subprocess.Popen(ctl.args("finetune", "watch", job_id), stdout=subprocess.PIPE, text=True)
+        checkpoints = 0
+        for line in watch.stdout:
+            event = json.loads(line)
+            if event["kind"] == "checkpoint":
+                checkpoints += 1
+                if checkpoints == 2:
+                    killed_at = event["step"]
+                    break
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        watch.kill()
+        watch.wait()
+        assert killed_at < total
+        print(f"killed medboxd at the checkpoint of step {killed_at} of {total}")
+    finally:
+        server.terminate(signal_it=False)
+
+    restarted = Medboxd(tmp_path, "sqlite", extra_config=CONFIG, log_name="medboxd-restarted.log")
+    try:
+        ctl = Ctl(restarted)
+        events = ctl("finetune", "watch", job_id)
+        assert events[-1]["kind"] == "state" and events[-1]["state"] == "succeeded", restarted.log_text()
+        resumed = [e for e in events if e["kind"] == "state" and e["state"] == "running"]
+        assert len(resumed) == 2 and "resum" in resumed[1]["message"], resumed
+        job = next(j for j in ctl("finetune", "list") if j["id"] == job_id)
+        assert job["attempts"] == 2
+        after_restart = events.index(resumed[1])
+        first_step_after = next(e["step"] for e in events[after_restart:] if e["kind"] == "progress")
+        print(f"the restarted medboxd resumed at step {first_step_after}")
+        assert first_step_after > killed_at, f"resumed from a checkpoint at or after step {killed_at}, not from scratch"
+
+        # Every step, whichever run reported it, has the uninterrupted run's loss.
+        killed_losses = losses(events)
+        assert sorted(killed_losses) == sorted(reference_losses)
+        # The same seed gives the same curve to the bit.
+        for step, reported in killed_losses.items():
+            assert set(reported) == set(reference_losses[step]), f"step {step}: {reported} vs {reference_losses[step]}"
+        code = restarted.terminate()
+        assert code == 0, restarted.log_text()
+    finally:
+        if restarted.proc.poll() is None:
+            restarted.proc.kill()
+            restarted.proc.wait()
