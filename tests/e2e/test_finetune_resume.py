@@ -1,7 +1,8 @@
-"""SIGKILL of medboxd in the middle of a fine-tuning job, with the real
-medbox-trainer on the tiny model: the next medboxd stops the trainer the dead
-one left behind, resumes the job from its last checkpoint, and the job
-finishes with the loss curve of an uninterrupted run of the same job."""
+"""Fine-tuning with the real medbox-trainer on the tiny model, through a real
+medboxd and medboxctl: SIGKILL of medboxd in the middle of a job (the next
+medboxd stops the trainer the dead one left behind, resumes the job from its
+last checkpoint, and the job finishes with the loss curve of an uninterrupted
+run), and a distillation whose student is loaded and answers."""
 
 import json
 import random
@@ -113,3 +114,31 @@ def test_sigkill_of_medboxd_mid_job_resumes_with_the_same_losses(tmp_path):
         if restarted.proc.poll() is None:
             restarted.proc.kill()
             restarted.proc.wait()
+
+
+def test_a_distilled_student_is_registered_loaded_and_answers(tmp_path, pb):
+    server = Medboxd(tmp_path, "sqlite", extra_config=CONFIG)
+    try:
+        ctl = Ctl(server)
+        dataset = tmp_path / "k.jsonl"
+        lab_flag_dataset(dataset, count=40)
+        ctl("datasets", "upload", str(dataset), "--name", "k-flags", "--format", "alpaca")
+        job_id = ctl("finetune", "create", "--base", "medical", "--teacher", "tiny", "--dataset", "k-flags",
+                     "--method", "distill", "--epochs", "1", "--batch-size", "4", "--output", "k-student")[0]["id"]
+        events = ctl("finetune", "watch", job_id)
+        assert events[-1]["state"] == "succeeded", events[-1]
+        job = next(j for j in ctl("finetune", "list") if j["id"] == job_id)
+        assert (job["model_version"], job["model_kind"]) == (1, "merged")
+        log = (server.data_dir / "jobs" / job_id / "trainer.log").read_text()
+        assert "distilling token by token" in log
+
+        ctl("models", "load", "k-student")
+        stub = pb.inference_pb2_grpc.InferenceStub(server.channel)
+        reply = stub.Generate(pb.inference_pb2.GenerateRequest(
+            model="k-student", prompt="K 6.1", sampling=pb.inference_pb2.SamplingParams(max_tokens=4, temperature=0.0)), timeout=60)
+        assert reply.usage.completion_tokens >= 1
+        assert server.terminate() == 0, server.log_text()
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()

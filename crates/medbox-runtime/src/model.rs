@@ -600,6 +600,11 @@ impl Model {
         })
     }
 
+    /// Rows of the embedding table: the ids the model reads.
+    pub(crate) fn vocab_size(&self) -> i64 {
+        self.embed_tokens.size()[0]
+    }
+
     /// Bytes of keys and values one cached token takes, over all layers.
     pub(crate) fn kv_bytes_per_token(&self) -> usize {
         2 * self.layers.len()

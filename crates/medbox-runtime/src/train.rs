@@ -33,6 +33,16 @@ pub enum Trainable {
     Lora(LoraSettings),
     /// Every weight.
     Full,
+    /// Nothing: a distillation teacher, only ever run without gradients.
+    Frozen,
+}
+
+/// The distillation loss's mix: `(1-ratio)·CE + ratio·T²·KL(teacher‖student)`,
+/// both distributions softened by the temperature `T`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistillMix {
+    pub ratio: f64,
+    pub temperature: f64,
 }
 
 /// How to load a model for training.
@@ -179,6 +189,7 @@ impl TrainableModel {
                     }
                     None
                 }
+                Trainable::Frozen => None,
             };
             (model, adapters, parameters, lora)
         };
@@ -291,6 +302,14 @@ impl TrainableModel {
         Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
     }
 
+    /// Whether `other` reads and writes the same tokens: the same
+    /// tokenizer vocabulary and the same number of logits. Token-level
+    /// distillation needs it.
+    pub fn shares_vocabulary_with(&self, other: &TrainableModel) -> bool {
+        self.model.vocab_size() == other.model.vocab_size()
+            && self.tokenizer.get_vocab(true) == other.tokenizer.get_vocab(true)
+    }
+
     /// The summed next-token cross-entropy of `examples` (one right-padded
     /// batch) and the number of positions it sums over. With `train`, LoRA
     /// dropout is on (from torch's global generator) and the graph is kept
@@ -300,6 +319,73 @@ impl TrainableModel {
         examples: &[&EncodedExample],
         train: bool,
     ) -> Result<(Tensor, i64), TchError> {
+        let batch = self.batch_logits(examples, train)?;
+        let loss = batch.predicted.f_cross_entropy_loss(
+            &batch.expected,
+            None::<Tensor>,
+            Reduction::Sum,
+            IGNORED_LABEL,
+            0.0,
+        )?;
+        Ok((loss, batch.targets))
+    }
+
+    /// [`TrainableModel::loss_sum`] for distillation: over the target
+    /// positions, `(1-r)·CE + r·T²·KL(teacher‖student)` summed, where the
+    /// teacher (same vocabulary, see
+    /// [`TrainableModel::shares_vocabulary_with`]) runs without gradients.
+    pub fn distill_loss_sum(
+        &self,
+        teacher: &TrainableModel,
+        examples: &[&EncodedExample],
+        mix: DistillMix,
+        train: bool,
+    ) -> Result<(Tensor, i64), TchError> {
+        let batch = self.batch_logits(examples, train)?;
+        let teacher_logits = {
+            let _no_grad = tch::no_grad_guard();
+            teacher.batch_logits(examples, false)?.predicted
+        };
+        let cross_entropy = batch.predicted.f_cross_entropy_loss(
+            &batch.expected,
+            None::<Tensor>,
+            Reduction::Sum,
+            IGNORED_LABEL,
+            0.0,
+        )?;
+        let mask = batch.expected.f_ne(IGNORED_LABEL)?;
+        let keep = mask.f_nonzero()?.f_squeeze_dim(1)?;
+        let temperature = mix.temperature;
+        let student = batch
+            .predicted
+            .f_index_select(0, &keep)?
+            .f_to_kind(Kind::Float)?
+            .f_div_scalar(temperature)?
+            .f_log_softmax(-1, Kind::Float)?;
+        let teacher = teacher_logits
+            .f_index_select(0, &keep)?
+            .f_to_kind(Kind::Float)?
+            .f_div_scalar(temperature)?
+            .f_log_softmax(-1, Kind::Float)?;
+        // KL(p_t ‖ p_s) = Σ p_t (log p_t − log p_s), summed over positions.
+        let kl = teacher
+            .f_exp()?
+            .f_mul(&teacher.f_sub(&student)?)?
+            .f_sum(Kind::Float)?;
+        let loss = cross_entropy
+            .f_mul_scalar(1.0 - mix.ratio)?
+            .f_add(&kl.f_mul_scalar(mix.ratio * temperature * temperature)?)?;
+        Ok((loss, batch.targets))
+    }
+
+    /// One right-padded batch through the model: the logits of every
+    /// position but the last, flattened (B·(L−1), V), and the labels they are
+    /// scored against.
+    fn batch_logits(
+        &self,
+        examples: &[&EncodedExample],
+        train: bool,
+    ) -> Result<BatchLogits, TchError> {
         let length = examples
             .iter()
             .map(|example| example.ids.len())
@@ -336,16 +422,11 @@ impl TrainableModel {
         };
         let logits = self.model.forward_sequences(&ids, &pass)?; // (B, L, V)
         let vocab = logits.size()[2];
-        let predicted = logits.f_narrow(1, 0, length - 1)?.f_reshape([-1, vocab])?;
-        let expected = labels.f_narrow(1, 1, length - 1)?.f_reshape([-1])?;
-        let loss = predicted.f_cross_entropy_loss(
-            &expected,
-            None::<Tensor>,
-            Reduction::Sum,
-            IGNORED_LABEL,
-            0.0,
-        )?;
-        Ok((loss, targets))
+        Ok(BatchLogits {
+            predicted: logits.f_narrow(1, 0, length - 1)?.f_reshape([-1, vocab])?,
+            expected: labels.f_narrow(1, 1, length - 1)?.f_reshape([-1])?,
+            targets,
+        })
     }
 
     /// Writes the adapters into `dir` (which must exist) in PEFT's format,
@@ -407,6 +488,16 @@ impl TrainableModel {
         }
         Ok(())
     }
+}
+
+/// A batch's logits and the labels they are scored against.
+struct BatchLogits {
+    /// (B·(L−1), V)
+    predicted: Tensor,
+    /// (B·(L−1)), [`IGNORED_LABEL`] where no loss is taken.
+    expected: Tensor,
+    /// Positions that carry loss.
+    targets: i64,
 }
 
 /// A fresh adapter: A (r, in) uniform in ±1/√in (PEFT's Kaiming-uniform

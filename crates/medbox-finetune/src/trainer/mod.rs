@@ -15,6 +15,7 @@
 //! logs carry counts, steps and losses; failure reasons name what to change.
 
 pub mod checkpoint;
+pub mod distill;
 pub mod optimizer;
 
 use std::collections::BTreeMap;
@@ -22,13 +23,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use medbox_runtime::train::{EncodedExample, Trainable, TrainableModel, TrainingOptions};
+use medbox_runtime::train::{
+    DistillMix, EncodedExample, Trainable, TrainableModel, TrainingOptions,
+};
 use medbox_runtime::{ChatMessage, DType, Device};
 use tch::{TchError, Tensor};
 
 use crate::hyperparameters::{Hyperparameters, Method};
 use crate::protocol::{CHECKPOINTS_DIR, JobSpec, TrainerEvent};
 use checkpoint::{CheckpointError, TrainingState};
+use distill::Objective;
 use optimizer::{AdamW, clip_gradients, learning_rate, zero_gradients};
 
 /// Why a run ended without success.
@@ -260,13 +264,8 @@ pub fn run(
                 target_modules: lora.target_modules.clone(),
             })
         }
-        Method::Full => Trainable::Full,
-        Method::Distill => {
-            return Err(TrainerError::failed(
-                "method distill is not supported by this version of medbox-trainer; use lora or full",
-                "distill",
-            ));
-        }
+        // The student of a distillation learns every weight.
+        Method::Full | Method::Distill => Trainable::Full,
     };
     let device: Device = spec.device.parse().map_err(|error: String| {
         TrainerError::failed(format!("`device` {}: {error}", spec.device), "device")
@@ -275,7 +274,7 @@ pub fn run(
         Device::Cpu => DType::F32,
         Device::Cuda(_) => DType::BF16,
     };
-    let train_samples = read_samples(&spec.dataset.train_file, "train")?;
+    let mut train_samples = read_samples(&spec.dataset.train_file, "train")?;
     let eval_samples = read_samples(&spec.dataset.eval_file, "eval")?;
     // The adapters' initialisation draws from torch's generator.
     tch::manual_seed(step_seed(spec.seed, 0));
@@ -297,6 +296,36 @@ pub fn run(
         )
     })?;
     let max_tokens = hyperparameters.max_seq_len as usize;
+    let objective = match spec.method {
+        Method::Distill => {
+            let (teacher, mix) = teacher_of(&spec, dtype, device)?;
+            if model.shares_vocabulary_with(&teacher) {
+                tracing::info!(
+                    "distilling token by token: the teacher shares the student's vocabulary"
+                );
+                Objective::Distill {
+                    teacher: Box::new(teacher),
+                    mix,
+                }
+            } else {
+                tracing::info!(
+                    "the teacher's tokenizer differs from the student's: distilling at the sequence level, on the teacher's answers"
+                );
+                drop(teacher);
+                let reference = spec.teacher_model.as_ref().ok_or_else(no_teacher)?;
+                train_samples = distill::teacher_answers(
+                    reference,
+                    device,
+                    train_samples,
+                    hyperparameters.max_seq_len,
+                    job_dir,
+                    stop,
+                )?;
+                Objective::CrossEntropy
+            }
+        }
+        Method::Lora | Method::Full => Objective::CrossEntropy,
+    };
     let train = encode_all(&model, &train_samples, max_tokens)?;
     let eval = encode_all(&model, &eval_samples, max_tokens)?;
     if train.is_empty() {
@@ -377,7 +406,9 @@ pub fn run(
             }
             let refs: Vec<&EncodedExample> = batch.iter().map(|&index| &train[index]).collect();
             tokens_seen += refs.iter().map(|example| example.ids.len()).sum::<usize>();
-            let (loss, _) = model.loss_sum(&refs, true).map_err(tensor_failure)?;
+            let (loss, _) = objective
+                .loss_sum(&model, &refs, true)
+                .map_err(tensor_failure)?;
             let scaled = loss
                 .f_div_scalar(step_targets.max(1) as f64)
                 .map_err(tensor_failure)?;
@@ -463,6 +494,49 @@ pub fn run(
         output_dir: spec.output_dir.display().to_string(),
         metrics,
     })
+}
+
+fn no_teacher() -> TrainerError {
+    TrainerError::failed(
+        "method distill needs a teacher model in the job",
+        "no teacher_model",
+    )
+}
+
+/// The teacher of a distillation, frozen, and the loss's mix.
+fn teacher_of(
+    spec: &JobSpec,
+    dtype: DType,
+    device: Device,
+) -> Result<(TrainableModel, DistillMix), TrainerError> {
+    let reference = spec.teacher_model.as_ref().ok_or_else(no_teacher)?;
+    let settings = spec.hyperparameters.distill.as_ref().ok_or_else(|| {
+        TrainerError::failed(
+            "method distill needs its ratio and temperature in the job",
+            "no distill settings",
+        )
+    })?;
+    let teacher = TrainableModel::load(
+        &reference.path,
+        &TrainingOptions {
+            dtype,
+            device,
+            trainable: Trainable::Frozen,
+        },
+    )
+    .map_err(|error| {
+        TrainerError::failed(
+            format!("the teacher model `{}` could not be loaded", reference.name),
+            error,
+        )
+    })?;
+    Ok((
+        teacher,
+        DistillMix {
+            ratio: settings.ratio,
+            temperature: settings.temperature,
+        },
+    ))
 }
 
 fn checkpoint_failure(error: &CheckpointError) -> TrainerError {

@@ -298,3 +298,116 @@ fn a_spec_of_another_protocol_version_is_refused_with_a_reason() {
 fn log_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("trainer.log")).unwrap_or_default()
 }
+
+/// A copy of the tiny model whose tokenizer numbers two tokens the other
+/// way round: the same network behind a different vocabulary, so
+/// distillation from it has to work on its answers rather than its logits.
+fn tiny_with_another_tokenizer(parent: &Path) -> PathBuf {
+    let dir = parent.join("tiny-other-tokenizer");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let path = dir.join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let vocab = tokenizer["model"]["vocab"].as_object_mut().unwrap();
+    let mut by_id: Vec<(u64, String)> = vocab
+        .iter()
+        .map(|(token, id)| (id.as_u64().unwrap(), token.clone()))
+        .collect();
+    by_id.sort();
+    let (first_id, first) = by_id[by_id.len() - 1].clone();
+    let (second_id, second) = by_id[by_id.len() - 2].clone();
+    vocab.insert(first, second_id.into());
+    vocab.insert(second, first_id.into());
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    dir
+}
+
+/// `job_folder` for method distill with `teacher`, one epoch (6 steps).
+fn distill_folder(parent: &Path, name: &str, teacher: &Path) -> PathBuf {
+    let dir = job_folder(parent, name, Method::Distill);
+    let mut spec =
+        JobSpec::from_json(&std::fs::read_to_string(JobSpec::path_in(&dir)).unwrap()).unwrap();
+    spec.teacher_model = Some(ModelRef {
+        name: "teacher".into(),
+        path: teacher.to_path_buf(),
+    });
+    spec.hyperparameters.epochs = 1;
+    std::fs::write(JobSpec::path_in(&dir), spec.to_json()).unwrap();
+    dir
+}
+
+#[test]
+fn distillation_learns_from_the_teachers_logits_or_from_its_answers() {
+    let parent = tempfile::tempdir().unwrap();
+
+    // Same vocabulary: token level. The teacher is the tiny model itself,
+    // so the KL term starts at zero and the first loss is (1-r)·CE of a
+    // full job's first step (r = 0.5 by default).
+    let token_level = distill_folder(parent.path(), "token-level", tiny_model());
+    let (events, status) = run_to_end(&token_level);
+    assert!(status.success(), "{status}: {}", log_of(&token_level));
+    assert!(log_of(&token_level).contains("distilling token by token"));
+    let distilled = losses(&events);
+    assert_eq!(distilled.len(), 6);
+    let full = job_folder(parent.path(), "full-reference", Method::Full);
+    let mut child = start(&full);
+    let first = read_events(&mut child, |event| {
+        matches!(event, TrainerEvent::Progress { .. })
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    let full_first = losses(&first)[&1];
+    assert!(
+        (distilled[&1] - 0.5 * full_first).abs() <= 1e-4 * full_first,
+        "first distilled loss {} vs half the cross-entropy {}",
+        distilled[&1],
+        full_first
+    );
+    assert!(token_level.join("output/model.safetensors").is_file());
+
+    // Another vocabulary: sequence level, on the teacher's greedy answers,
+    // saved in the job folder and reused when the job starts again.
+    let teacher = tiny_with_another_tokenizer(parent.path());
+    let sequence_level = distill_folder(parent.path(), "sequence-level", &teacher);
+    let (events, status) = run_to_end(&sequence_level);
+    assert!(status.success(), "{status}: {}", log_of(&sequence_level));
+    assert!(log_of(&sequence_level).contains("distilling at the sequence level"));
+    assert_eq!(losses(&events).len(), 6);
+    let answers = std::fs::read_to_string(sequence_level.join("teacher-answers.jsonl")).unwrap();
+    let reference = std::fs::read_to_string(sequence_level.join("train.jsonl")).unwrap();
+    assert_eq!(answers.lines().count(), 48);
+    let changed = answers
+        .lines()
+        .zip(reference.lines())
+        .filter(|(answered, original)| answered != original)
+        .count();
+    assert!(
+        changed >= 40,
+        "{changed} of 48 examples carry the teacher's answer"
+    );
+    for line in answers.lines() {
+        let example: serde_json::Value = serde_json::from_str(line).unwrap();
+        let roles: Vec<&str> = example["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|message| message["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles.last(), Some(&"assistant"), "{roles:?}");
+    }
+    std::fs::remove_dir_all(sequence_level.join("checkpoints")).unwrap();
+    let (again, status) = run_to_end(&sequence_level);
+    assert!(status.success(), "{status}: {}", log_of(&sequence_level));
+    assert!(log_of(&sequence_level).contains("teacher answers read from the job folder"));
+    assert_eq!(
+        losses(&again),
+        losses(&events),
+        "the same answers train the same way"
+    );
+}

@@ -7,6 +7,7 @@ mod batching;
 mod constraints;
 mod embedding;
 mod parity;
+mod training;
 mod weights;
 
 mod chat;
