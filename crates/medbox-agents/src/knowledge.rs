@@ -1086,10 +1086,6 @@ impl KnowledgeBase {
         }
     }
 
-    pub fn config(&self) -> &KnowledgeConfig {
-        &self.config
-    }
-
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         self.index
             .read()
@@ -1110,11 +1106,6 @@ impl KnowledgeBase {
     /// Documents in the index.
     pub fn document_count(&self) -> usize {
         self.read().by_document.len()
-    }
-
-    /// The embedding model of the indexed vectors, if any are indexed.
-    pub fn model(&self) -> Option<String> {
-        self.read().model.clone()
     }
 
     /// Embeds texts in batches of [`EMBED_BATCH`]; every batch must come from

@@ -188,7 +188,7 @@ pub(crate) fn round_to(value: f64, decimals: i32) -> f64 {
 
 /// Parses a tool's arguments into its typed struct; an error names the field
 /// (the JSON path) and serde's reason.
-pub(crate) fn parse_arguments<T: DeserializeOwned>(arguments: &Value) -> Result<T, ToolError> {
+pub fn parse_arguments<T: DeserializeOwned>(arguments: &Value) -> Result<T, ToolError> {
     if !arguments.is_object() {
         return Err(ToolError::bad(
             "arguments",

@@ -57,6 +57,12 @@ pub struct ModelTurn {
     /// A model name or alias, from the agent's routes.
     pub route: String,
     pub messages: Vec<Message>,
+    /// The index in `messages` of the run's input (after the system prompt
+    /// and any earlier session turns). A model whose context cannot hold the
+    /// whole conversation should leave out the earlier session turns first,
+    /// then the oldest messages after the input, and never the system
+    /// prompt, the input or the last message.
+    pub input_index: usize,
     /// The JSON Schema the answer must satisfy (see
     /// [`crate::step_loop::build_step_schema`]): a tool call
     /// `{"tool": name, "arguments": {…}}` or a final answer `{"final": output}`.

@@ -52,50 +52,7 @@ pub enum BundleError {
     SecondPatient { index: usize },
 }
 
-/// A calendar date (proleptic Gregorian).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct CivilDate {
-    pub year: i32,
-    pub month: u32,
-    pub day: u32,
-}
-
-impl CivilDate {
-    /// The date of a count of days since 1970-01-01 (H. Hinnant's algorithm).
-    pub fn from_unix_days(days: i64) -> CivilDate {
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-        CivilDate { year, month, day }
-    }
-
-    /// Parses `YYYY`, `YYYY-MM` or `YYYY-MM-DD` (a FHIR `date`, or the date
-    /// part of a `dateTime`); missing parts are the first month or day.
-    pub fn parse(text: &str) -> Option<CivilDate> {
-        let date = text.get(..10.min(text.len()))?;
-        let mut parts = date.split('-');
-        let year = parts.next()?.parse().ok()?;
-        let month = parts.next().map_or(Some(1), |m| m.parse().ok())?;
-        let day = parts.next().map_or(Some(1), |d| d.parse().ok())?;
-        ((1..=12).contains(&month) && (1..=31).contains(&day)).then_some(CivilDate {
-            year,
-            month,
-            day,
-        })
-    }
-
-    /// Whole years from `self` (a birth date) to `on`.
-    pub fn years_until(self, on: CivilDate) -> i32 {
-        let had_birthday = (on.month, on.day) >= (self.month, self.day);
-        on.year - self.year - i32::from(!had_birthday)
-    }
-}
+pub use medbox_deid::CivilDate;
 
 /// What the tools read from a bundle.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -325,7 +282,7 @@ pub fn parse_bundle(text: &str) -> Result<PatientRecord, BundleError> {
                 record.birth_date =
                     match patient.birth_date.as_deref() {
                         None => None,
-                        Some(text) => Some(CivilDate::parse(text).ok_or_else(|| {
+                        Some(text) => Some(CivilDate::from_iso(text).ok_or_else(|| {
                             fail(format!("birthDate: `{text}` is not a FHIR date"))
                         })?),
                     };
@@ -432,7 +389,8 @@ fn typed<T: serde::de::DeserializeOwned>(resource: &Value) -> Result<T, String> 
 
 impl PatientRecord {
     pub fn age_years(&self, on: CivilDate) -> Option<i32> {
-        self.birth_date.map(|birth| birth.years_until(on))
+        self.birth_date
+            .map(|birth| i32::try_from(birth.years_until(on)).unwrap_or(i32::MAX))
     }
 
     /// Medications still taken (`active`, `intended`, `on-hold` excluded: not taken now).

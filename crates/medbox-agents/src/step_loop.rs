@@ -151,7 +151,8 @@ pub enum RunError {
 /// The schema every model answer must satisfy: a call to one of the agent's
 /// tools with that tool's argument schema, or a final answer valid against
 /// the agent's output schema. The branches are disjoint (distinct `tool`
-/// constants, distinct required keys), so a decoder may treat `oneOf` as `anyOf`.
+/// constants, distinct required keys), so `anyOf` means exactly one of them
+/// and constrained decoders enforce it as written.
 pub fn build_step_schema(spec: &AgentSpec, registry: &ToolRegistry) -> Value {
     build_step_schema_with(spec, Toolbox::new(registry, &ContextTools::new()))
 }
@@ -171,7 +172,7 @@ pub fn build_step_schema_with(spec: &AgentSpec, toolbox: Toolbox<'_>) -> Value {
         }))
     });
     let branches: Vec<Value> = tool_branches.chain([final_only_schema(spec)]).collect();
-    json!({"oneOf": branches})
+    json!({"anyOf": branches})
 }
 
 /// The schema of the last step a run allows: a final answer only.
@@ -296,6 +297,7 @@ pub async fn run_agent_with(
         let turn = ModelTurn {
             route: route.clone(),
             messages: turn_messages,
+            input_index: 1 + history.len(),
             response_schema: if is_last {
                 last_step_schema.clone()
             } else {

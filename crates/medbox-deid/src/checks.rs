@@ -139,6 +139,24 @@ impl CivilDate {
         CivilDate { year, month, day }
     }
 
+    /// Parses `YYYY`, `YYYY-MM` or `YYYY-MM-DD` (an ISO 8601 / FHIR `date`,
+    /// or the date part of a `dateTime`); missing parts are the first month
+    /// or day.
+    pub fn from_iso(text: &str) -> Option<CivilDate> {
+        let date = text.get(..10.min(text.len()))?;
+        let mut parts = date.split('-');
+        let year = parts.next()?.parse().ok()?;
+        let month = parts.next().map_or(Some(1), |m| m.parse().ok())?;
+        let day = parts.next().map_or(Some(1), |d| d.parse().ok())?;
+        CivilDate::new(year, month, day)
+    }
+
+    /// Whole years from `self` (a birth date) to `on`.
+    pub fn years_until(self, on: CivilDate) -> i64 {
+        let had_birthday = (on.month, on.day) >= (self.month, self.day);
+        on.year - self.year - i64::from(!had_birthday)
+    }
+
     /// The date `days` later (earlier when negative).
     pub fn shifted(self, days: i64) -> CivilDate {
         CivilDate::from_days(self.to_days() + days)

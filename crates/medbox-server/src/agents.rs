@@ -28,6 +28,7 @@ use medbox_agents::{
     ToolError, ToolRegistry,
     context::{ContextTool, ContextTools, SCHEDULE_FOLLOW_UP, ToolFuture, Toolbox},
     model::{AgentModel, Message, ModelError, ModelReply, ModelTurn, Role},
+    parse_arguments,
     patient::{self, CivilDate, PatientRecord},
     spec::{AgentSpec, KnownTools, SpecError, load_specs_dir_with},
     step_loop::{AgentRun, RunError, Step, run_agent_with},
@@ -125,19 +126,6 @@ fn model_error(route: &str, error: ApiError) -> ModelError {
     }
 }
 
-/// The step schema as the decoder takes it: compact JSON, and `oneOf` read
-/// as `anyOf` (the step schema's branches are disjoint, and llguidance
-/// enforces `oneOf` only that way).
-fn constraint_schema(mut schema: Value) -> Value {
-    if let Value::Object(map) = &mut schema {
-        map.insert(
-            "x-guidance".to_owned(),
-            json!({"whitespace_flexible": false, "coerce_one_of": true}),
-        );
-    }
-    schema
-}
-
 /// Chat roles as the runtime's templates know them; a tool result is shown
 /// as a user message that says so, since not every template has a tool role.
 fn chat_messages(messages: &[Message]) -> Vec<ChatMessage> {
@@ -163,12 +151,13 @@ impl AgentModel for RuntimeModel {
             route: turn.route.clone(),
             reason,
         };
-        let schema = constraint_schema(turn.response_schema).to_string();
+        let schema = turn.response_schema.to_string();
         let mut messages = chat_messages(&turn.messages);
+        let mut input_index = turn.input_index;
         let mut max_tokens = turn.max_tokens;
-        // Fit the context: give the answer the room that is left, and leave
-        // out the oldest messages between the system prompt and the last
-        // one when the prompt alone does not fit.
+        // Fit the context: give the answer the room that is left, and when
+        // the prompt alone does not fit, leave out earlier session turns,
+        // then the oldest tool exchanges of this run (see ModelTurn).
         let valid = loop {
             let request = ChatRequest {
                 messages: messages.clone(),
@@ -184,8 +173,15 @@ impl AgentModel for RuntimeModel {
                 Err(ValidationError::MaxTokens { max, got }) if max > 0 && max < got => {
                     max_tokens = max;
                 }
-                Err(ValidationError::PromptTooLong { .. }) if messages.len() > 2 => {
-                    messages.remove(1);
+                Err(ValidationError::PromptTooLong { .. })
+                    if input_index > 1 || messages.len() > input_index + 2 =>
+                {
+                    if input_index > 1 {
+                        messages.remove(1);
+                        input_index -= 1;
+                    } else {
+                        messages.remove(input_index + 1);
+                    }
                 }
                 Err(error) => return Err(failed(format!("model `{model}`: {error}"))),
             }
@@ -427,13 +423,7 @@ impl ContextTool for ScheduleFollowUp {
 
     fn call<'a>(&'a self, arguments: &'a Value) -> ToolFuture<'a> {
         Box::pin(async move {
-            let arguments: FollowUpArguments =
-                serde_json::from_value(arguments.clone()).map_err(|error| {
-                    ToolError::BadArguments {
-                        field: "arguments".to_owned(),
-                        reason: error.to_string(),
-                    }
-                })?;
+            let arguments: FollowUpArguments = parse_arguments(arguments)?;
             if !(1..=365).contains(&arguments.interval_days) {
                 return Err(ToolError::OutOfRange {
                     field: "interval_days".to_owned(),
@@ -467,15 +457,14 @@ impl ContextTool for ScheduleFollowUp {
                 .await
                 .map_err(|error| {
                     tracing::error!(error = %error, "scheduling a follow-up failed");
-                    ToolError::NotFound {
-                        what: "follow-up store",
-                        key: SCHEDULE_FOLLOW_UP.to_owned(),
-                        hint:
+                    ToolError::Unavailable {
+                        tool: SCHEDULE_FOLLOW_UP,
+                        reason:
                             "the follow-up could not be saved; tell the user to schedule it by hand"
                                 .to_owned(),
                     }
                 })?;
-            let due = CivilDate::from_unix_days(record.due_at_ms.div_euclid(86_400_000));
+            let due = CivilDate::from_days(record.due_at_ms.div_euclid(86_400_000));
             Ok(json!({
                 "follow_up_id": record.id,
                 "due_date": format!("{:04}-{:02}-{:02}", due.year, due.month, due.day),
@@ -641,7 +630,7 @@ impl AgentsService {
         let store = &self.state.store;
         let run_id = store.new_agent_run_id().map_err(ApiError::from)?;
         let mut context = ContextTools::new();
-        let today = CivilDate::from_unix_days(now_ms().div_euclid(86_400_000));
+        let today = CivilDate::from_days(now_ms().div_euclid(86_400_000));
         let follow_up: Arc<dyn ContextTool> = Arc::new(ScheduleFollowUp {
             store: store.clone(),
             run_id: run_id.clone(),

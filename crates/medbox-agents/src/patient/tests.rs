@@ -106,7 +106,7 @@ fn malformed_bundles_are_refused_naming_the_entry() {
 #[test]
 fn civil_dates_and_ages() {
     assert_eq!(
-        CivilDate::from_unix_days(0),
+        CivilDate::from_days(0),
         CivilDate {
             year: 1970,
             month: 1,
@@ -114,15 +114,15 @@ fn civil_dates_and_ages() {
         }
     );
     assert_eq!(
-        CivilDate::from_unix_days(20_415),
+        CivilDate::from_days(20_415),
         CivilDate {
             year: 2025,
             month: 11,
             day: 23
         }
     );
-    let birth = CivilDate::parse("1957-11-24").unwrap();
+    let birth = CivilDate::from_iso("1957-11-24").unwrap();
     assert_eq!(birth.years_until(TODAY), 67);
-    assert_eq!(CivilDate::parse("1957").unwrap().years_until(TODAY), 68);
-    assert_eq!(CivilDate::parse("1957-13-01"), None);
+    assert_eq!(CivilDate::from_iso("1957").unwrap().years_until(TODAY), 68);
+    assert_eq!(CivilDate::from_iso("1957-13-01"), None);
 }

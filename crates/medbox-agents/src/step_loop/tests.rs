@@ -330,6 +330,12 @@ fn a_session_remembers_an_earlier_turn() {
     assert_eq!(second_messages[2].role, Role::Assistant);
     assert_eq!(remembered, json!({"bmi": 22.9, "category": "normal"}));
     assert_eq!(second_messages[3].role, Role::User);
+    // Each turn says where this run's input is, after the earlier turns.
+    assert_eq!((turns[0].input_index, turns[1].input_index), (1, 3));
+    assert_eq!(
+        second_messages[turns[1].input_index],
+        Message::new(Role::User, input().to_string())
+    );
 }
 
 #[test]
