@@ -14,6 +14,7 @@ use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
 mod agents;
 mod finetune;
+mod knowledge;
 
 #[derive(Parser)]
 #[command(
@@ -119,6 +120,11 @@ enum Command {
     Agents {
         #[command(subcommand)]
         command: agents::AgentsCommand,
+    },
+    /// The knowledge base the agents cite: add documents, list, search, delete.
+    Knowledge {
+        #[command(subcommand)]
+        command: knowledge::KnowledgeCommand,
     },
     /// Show how a model's tokenizer splits a text.
     Tokenize {
@@ -282,6 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Status => status(&client, cli.json).await,
         Command::Agents { command } => agents::agents(&client, command, cli.json).await,
+        Command::Knowledge { command } => knowledge::knowledge(&client, command, cli.json).await,
         Command::Models {
             command: ModelsCommand::List,
         } => models_list(&client, cli.json).await,

@@ -92,8 +92,11 @@ impl Linear {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
+        // Rows of the product: every leading dimension (a training batch is
+        // (B, L, E)).
+        let rows = xs.numel() as i64 / xs.size().last().copied().unwrap_or(1).max(1);
         match &self.weight {
-            LinearWeight::Dense(weight) if self.policy.upcasts(xs.size()[0]) => {
+            LinearWeight::Dense(weight) if self.policy.upcasts(rows) => {
                 upcast_linear(xs, weight, self.bias.as_ref())
             }
             LinearWeight::Dense(weight) => xs.f_linear(weight, self.bias.as_ref()),
@@ -101,7 +104,7 @@ impl Linear {
                 // libtorch's int8 kernel is a matrix-vector product: its cost
                 // grows with the rows, so a prefill chunk or a big batch
                 // dequantizes the weights once and multiplies densely.
-                let out = if xs.size()[0] <= INT8_KERNEL_MAX_ROWS {
+                let out = if rows <= INT8_KERNEL_MAX_ROWS {
                     xs.f_contiguous()?
                         .f_internal_weight_int8pack_mm(weight, scales)?
                 } else {

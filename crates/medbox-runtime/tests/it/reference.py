@@ -17,6 +17,10 @@
       greedy_ids, N greedy tokens with the model in DTYPE (float32, bfloat16, float16).
   reference.py embed MODEL_DIR < texts.json -> JSON on stdout: the
       sentence-transformers embeddings of a JSON list of texts, and max_seq_length.
+  reference.py peft BASE_DIR MADE_DIR READ_DIR PROMPT -> JSON on stdout: makes a
+      LoRA adapter of BASE_DIR with peft (r 8, alpha 16, all linear layers, every
+      weight random) and saves it in MADE_DIR; loads the adapter medbox wrote in
+      READ_DIR with peft; {"prompt_ids", "made": logits, "read": logits} for PROMPT.
 """
 
 import json
@@ -108,6 +112,26 @@ def chat(model_dir):
     json.dump(results, sys.stdout, ensure_ascii=False)
 
 
+def peft_logits(base_dir, made_dir, read_dir, prompt):
+    import peft
+
+    tokenizer = Tokenizer.from_file(f"{base_dir}/tokenizer.json")
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                             init_lora_weights=False)
+    made = peft.get_peft_model(load(base_dir), config)
+    made.eval()
+    made.save_pretrained(made_dir)
+    read = peft.PeftModel.from_pretrained(load(base_dir), read_dir)
+    read.eval()
+    with torch.no_grad():
+        json.dump({
+            "prompt_ids": ids[0].tolist(),
+            "made": made(ids).logits[0].tolist(),
+            "read": read(ids).logits[0].tolist(),
+        }, sys.stdout)
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     command, *arguments = sys.argv[1:]
@@ -123,5 +147,7 @@ if __name__ == "__main__":
         reshard(arguments[0], arguments[1])
     elif command == "chat":
         chat(arguments[0])
+    elif command == "peft":
+        peft_logits(*arguments)
     else:
         raise SystemExit(f"unknown command {command}")

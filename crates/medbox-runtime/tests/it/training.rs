@@ -105,3 +105,80 @@ fn another_teacher_adds_a_positive_kl_term_with_gradients() {
         "every student weight learns"
     );
 }
+
+#[derive(serde::Deserialize)]
+struct PeftReference {
+    prompt_ids: Vec<u32>,
+    made: Vec<Vec<f32>>,
+    read: Vec<Vec<f32>>,
+}
+
+/// Adapters cross the PEFT boundary both ways with the same logits: one
+/// made by peft (every weight random) is served by medbox as peft computes
+/// it, and one medbox trains and writes is read by peft as medbox serves it.
+#[test]
+fn lora_adapters_give_peft_logits_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(tiny_model()).unwrap();
+    // medbox's adapter: fresh A, and B drawn at random too (a fresh B is
+    // zero, which would compare nothing).
+    tch::manual_seed(7);
+    let settings = medbox_runtime::lora::LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["all-linear".into()],
+    };
+    let trained = load(&base, Trainable::Lora(settings));
+    {
+        let _no_grad = tch::no_grad_guard();
+        for (name, tensor) in trained.parameters() {
+            if name.ends_with("lora_B") {
+                let random =
+                    tch::Tensor::randn(tensor.size(), (tch::Kind::Float, tch::Device::Cpu)) * 0.05;
+                tensor.shallow_clone().copy_(&random);
+            }
+        }
+    }
+    let written = dir.path().join("medbox-made");
+    std::fs::create_dir_all(&written).unwrap();
+    trained.save_adapter(&written).unwrap();
+
+    let made = dir.path().join("peft-made");
+    let output = std::process::Command::new("python3")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/reference.py"))
+        .arg("peft")
+        .args([&base, &made, &written])
+        .arg("Potassium 5.9 mmol/L: the flag is high. 血钾偏高。")
+        .output()
+        .expect("python3 runs (source scripts/env.sh)");
+    assert!(
+        output.status.success(),
+        "reference.py peft failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reference: PeftReference = serde_json::from_slice(&output.stdout).unwrap();
+    let ids = &reference.prompt_ids;
+    let served = |adapter: &std::path::Path| {
+        medbox_runtime::debug::prompt_logits(adapter, DType::F32, Device::Cpu, ids, ids.len())
+            .unwrap()
+    };
+    let plain = served(&base);
+    let from_peft = served(&made);
+    let from_medbox = served(&written);
+    // The adapters change the logits by far more than the tolerance ...
+    assert!(crate::max_difference(&plain, &reference.made) > 0.1);
+    assert!(crate::max_difference(&plain, &reference.read) > 0.01);
+    // ... and both sides agree on them.
+    let made_gap = crate::max_difference(&from_peft, &reference.made);
+    let read_gap = crate::max_difference(&from_medbox, &reference.read);
+    eprintln!("peft-made adapter: max |Δlogit| {made_gap:.2e}; medbox-made: {read_gap:.2e}");
+    assert!(
+        made_gap <= 1e-4,
+        "peft's adapter served by medbox: {made_gap}"
+    );
+    assert!(
+        read_gap <= 1e-4,
+        "medbox's adapter read by peft: {read_gap}"
+    );
+}
