@@ -452,6 +452,24 @@ fn splitmix64(state: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// SplitMix64 as a generator: a sequence fixed by its seed forever (no
+/// dependency, no version drift), for the project's seeded choices: date
+/// shifts, synthetic corpora, training data order.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> SplitMix64 {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let output = splitmix64(self.0);
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        output
+    }
+}
+
 impl Deidentifier {
     /// Compiles the configuration; every pattern is checked here, once.
     pub fn new(config: &DeidConfig) -> Result<Deidentifier, DeidError> {

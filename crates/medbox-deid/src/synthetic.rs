@@ -42,13 +42,11 @@ pub struct LabelledRecord {
 }
 
 /// SplitMix64: a small, stable generator for the corpus.
-struct Rng(u64);
+struct Rng(crate::SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        let output = crate::splitmix64(self.0);
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        output
+        self.0.next_u64()
     }
     fn below(&mut self, bound: usize) -> usize {
         (self.next() % bound as u64) as usize
@@ -608,7 +606,7 @@ fn generate(
     chinese_templates: &[&str],
     other_templates: &[&str],
 ) -> Vec<LabelledRecord> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng(crate::SplitMix64::new(seed));
     (0..n_records)
         .map(|index| {
             let n_sentences = 2 + rng.below(3);

@@ -41,15 +41,8 @@ const FLAGS: [&str; 3] = ["L 偏低", "N 正常", "H 偏高"];
 
 /// `count` examples drawn with `seed`.
 pub fn lab_flag_examples(seed: u64, count: usize) -> Vec<LabExample> {
-    let mut state = seed;
-    let mut next = move || {
-        // SplitMix64.
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut generator = medbox_deid::SplitMix64::new(seed);
+    let mut next = move || generator.next_u64();
     (0..count)
         .map(|_| {
             let test = &TESTS[(next() % TESTS.len() as u64) as usize];

@@ -299,7 +299,7 @@ impl AgentCatalog {
         let now = now_ms();
         let mut specs = BTreeMap::new();
         for spec in file_specs {
-            store
+            let recorded = store
                 .record_agent_spec_version(
                     spec.id(),
                     spec.version(),
@@ -308,6 +308,21 @@ impl AgentCatalog {
                     now,
                 )
                 .await?;
+            if !recorded {
+                // A stored version never changes: an edited file must say so.
+                let stored = store.agent_spec_versions(spec.id()).await?;
+                let edited = stored
+                    .iter()
+                    .find(|stored| stored.version == spec.version())
+                    .is_some_and(|stored| stored.spec_toml != spec.source());
+                if edited {
+                    tracing::error!(
+                        agent = spec.id(),
+                        version = spec.version(),
+                        "the agent's spec file changed but its `version` did not: runs are recorded against the stored text of that version, not the file's; raise `version` in the file"
+                    );
+                }
+            }
             specs.insert(spec.id().to_owned(), Arc::new(spec));
         }
         // Versions made through the API that are newer than the files.

@@ -23,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use medbox_deid::SplitMix64;
 use medbox_runtime::train::{
     DistillMix, EncodedExample, Trainable, TrainableModel, TrainingOptions,
 };
 use medbox_runtime::{ChatMessage, DType, Device};
-use tch::{TchError, Tensor};
+use tch::TchError;
 
 use crate::hyperparameters::{Hyperparameters, Method};
 use crate::protocol::{CHECKPOINTS_DIR, JobSpec, TrainerEvent};
@@ -150,22 +151,13 @@ fn encode_all(
     Ok(encoded)
 }
 
-/// SplitMix64: a tiny generator whose sequence never changes between
-/// builds, for the data order.
-fn split_mix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The order examples are visited in during `epoch` (Fisher–Yates).
+/// The order examples are visited in during `epoch` (Fisher–Yates over
+/// SplitMix64, whose sequence never changes between builds).
 pub fn epoch_order(count: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut state = seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407);
+    let mut generator = SplitMix64::new(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
     let mut order: Vec<usize> = (0..count).collect();
     for index in (1..count).rev() {
-        let other = (split_mix(&mut state) % (index as u64 + 1)) as usize;
+        let other = (generator.next_u64() % (index as u64 + 1)) as usize;
         order.swap(index, other);
     }
     order
@@ -173,8 +165,8 @@ pub fn epoch_order(count: usize, seed: u64, epoch: u64) -> Vec<usize> {
 
 /// The seed of torch's generator for optimizer step `step`.
 fn step_seed(seed: u64, step: u64) -> i64 {
-    let mut state = seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    (split_mix(&mut state) >> 1) as i64
+    let mut generator = SplitMix64::new(seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    (generator.next_u64() >> 1) as i64
 }
 
 /// How the examples fall into optimizer steps.
@@ -572,12 +564,6 @@ fn write_output(spec: &JobSpec, model: &TrainableModel) -> Result<(), TrainerErr
     std::fs::rename(&temporary, output).map_err(|error| failure(error.to_string()))?;
     tracing::info!("result written");
     Ok(())
-}
-
-/// A scalar loss as f64 (test support).
-#[doc(hidden)]
-pub fn scalar(tensor: &Tensor) -> Result<f64, TchError> {
-    tensor.f_double_value(&[])
 }
 
 #[cfg(test)]

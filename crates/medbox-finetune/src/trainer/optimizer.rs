@@ -93,17 +93,21 @@ impl AdamW {
 /// `max_norm` (as `torch.nn.utils.clip_grad_norm_`); returns the norm before.
 pub fn clip_gradients(parameters: &[(String, Tensor)], max_norm: f64) -> Result<f64, TchError> {
     let _no_grad = tch::no_grad_guard();
-    let mut squares = 0.0;
+    let mut norms = Vec::with_capacity(parameters.len());
     let mut gradients = Vec::with_capacity(parameters.len());
     for (_, parameter) in parameters {
         let gradient = parameter.f_grad()?;
         if gradient.defined() {
-            let norm = gradient.f_norm()?.f_double_value(&[])?;
-            squares += norm * norm;
+            norms.push(gradient.f_norm()?.f_to_kind(tch::Kind::Double)?);
             gradients.push(gradient);
         }
     }
-    let total = squares.sqrt();
+    // One read back from the device for the whole model.
+    let total = if norms.is_empty() {
+        0.0
+    } else {
+        Tensor::f_stack(&norms, 0)?.f_norm()?.f_double_value(&[])?
+    };
     let coefficient = max_norm / (total + 1e-6);
     if max_norm > 0.0 && coefficient < 1.0 {
         for mut gradient in gradients {
