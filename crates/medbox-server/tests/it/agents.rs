@@ -16,15 +16,15 @@ use std::{
 
 use medbox_proto::v1::{self as pb, agents_client::AgentsClient};
 use serde_json::Value;
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 use crate::{
-    Authed, Bearer, TestServer, finish_start,
+    Authed, Bearer, TestServer,
     knowledge::{
         corpus::{self, Language},
         knowledge, knowledge_section, minilm_model, wait_for_ingestion,
     },
-    load_config, tiny_model,
+    load_config, start_in, tiny_model,
 };
 
 const LONG_CONTEXT: u64 = 16_384;
@@ -86,14 +86,7 @@ async fn start_agents() -> TestServer {
         model.display(),
         minilm_model(),
     );
-    let config = load_config(&text, data.path());
-    let server = medbox_server::start(config).await.expect("medboxd starts");
-    let channel = Channel::from_shared(format!("http://{}", server.local_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let test = finish_start(server, channel, data).await;
+    let test = start_in(data, &text).await;
     let indexed = wait_for_ingestion(&mut knowledge(&test, &test.admin_key)).await;
     assert_eq!(indexed.documents.len(), 2, "both guideline files indexed");
     test

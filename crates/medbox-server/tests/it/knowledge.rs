@@ -13,9 +13,9 @@ use std::{
 };
 
 use medbox_proto::v1::{self as pb, knowledge_client::KnowledgeClient};
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
-use crate::{Authed, Bearer, TestServer, config_text, finish_start, load_config, start};
+use crate::{Authed, Bearer, TestServer, config_text, start, start_in};
 
 pub(crate) mod corpus;
 
@@ -52,19 +52,16 @@ pub(crate) fn knowledge_section(dir: &Path) -> String {
 }
 
 /// Starts medboxd on `data` (a data folder kept across restarts).
-async fn start_in(data: tempfile::TempDir, extra_models: &str, sections: &str) -> TestServer {
+async fn start_knowledge(
+    data: tempfile::TempDir,
+    extra_models: &str,
+    sections: &str,
+) -> TestServer {
     let text = format!(
         "{}{sections}",
         config_text(&data.path().join("data"), extra_models)
     );
-    let config = load_config(&text, data.path());
-    let server = medbox_server::start(config).await.expect("medboxd starts");
-    let channel = Channel::from_shared(format!("http://{}", server.local_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    finish_start(server, channel, data).await
+    start_in(data, &text).await
 }
 
 pub(crate) fn knowledge(test: &TestServer, key: &str) -> KnowledgeClient<Authed> {
@@ -182,7 +179,7 @@ async fn questions_in_chinese_and_english_find_their_passage_among_252_chunks() 
     let held_back = write_corpus(corpus_dir.path());
     let sections = knowledge_section(corpus_dir.path());
     let started = Instant::now();
-    let test = start_in(tempfile::tempdir().unwrap(), &minilm_model(), &sections).await;
+    let test = start_knowledge(tempfile::tempdir().unwrap(), &minilm_model(), &sections).await;
     let admin_key = test.admin_key.clone();
     let mut admin = knowledge(&test, &admin_key);
     let listed = wait_for_ingestion(&mut admin).await;
@@ -444,7 +441,7 @@ async fn questions_in_chinese_and_english_find_their_passage_among_252_chunks() 
     let TestServer { server, _data, .. } = test;
     server.shutdown().await.unwrap();
     let restarted_at = Instant::now();
-    let test = start_in(_data, &minilm_model(), &sections).await;
+    let test = start_knowledge(_data, &minilm_model(), &sections).await;
     let mut admin = knowledge(&test, &test.admin_key.clone());
     let listed = wait_for_ingestion(&mut admin).await;
     let restart = restarted_at.elapsed();

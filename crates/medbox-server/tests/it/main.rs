@@ -105,7 +105,13 @@ async fn start_with(extra_models: &str, extra_sections: &str) -> TestServer {
         "{}{extra_sections}",
         config_text(&data.path().join("data"), extra_models)
     );
-    let config = load_config(&text, data.path());
+    start_in(data, &text).await
+}
+
+/// Starts medboxd with the configuration `text`, written into `data` (whose
+/// `data/` folder the configuration names; kept across restarts).
+async fn start_in(data: tempfile::TempDir, text: &str) -> TestServer {
+    let config = load_config(text, data.path());
     let server = medbox_server::start(config).await.expect("medboxd starts");
     let channel = Channel::from_shared(format!("http://{}", server.local_addr()))
         .unwrap()
