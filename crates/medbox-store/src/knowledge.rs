@@ -185,25 +185,25 @@ impl Store {
         &self,
         sha256: &str,
     ) -> Result<Option<KnowledgeDocumentRecord>, StoreError> {
-        let sql = format!("SELECT {DOCUMENT_COLUMNS} FROM knowledge_documents WHERE sha256 = $1");
-        let row = sqlx::query(&sql)
-            .bind(sha256)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(StoreError::query("looking up a knowledge document"))?;
-        row.as_ref()
-            .map(document_from_row)
-            .transpose()
-            .map_err(StoreError::query("reading a knowledge document"))
+        self.knowledge_document_where("sha256", sha256).await
     }
 
     pub async fn get_knowledge_document(
         &self,
         id: &str,
     ) -> Result<Option<KnowledgeDocumentRecord>, StoreError> {
-        let sql = format!("SELECT {DOCUMENT_COLUMNS} FROM knowledge_documents WHERE id = $1");
+        self.knowledge_document_where("id", id).await
+    }
+
+    /// The document whose unique `column` (a name fixed in this file) is `value`.
+    async fn knowledge_document_where(
+        &self,
+        column: &'static str,
+        value: &str,
+    ) -> Result<Option<KnowledgeDocumentRecord>, StoreError> {
+        let sql = format!("SELECT {DOCUMENT_COLUMNS} FROM knowledge_documents WHERE {column} = $1");
         let row = sqlx::query(&sql)
-            .bind(id)
+            .bind(value)
             .fetch_optional(self.pool())
             .await
             .map_err(StoreError::query("looking up a knowledge document"))?;
