@@ -115,7 +115,8 @@ impl AdminService {
         }
         Ok(ValidModelConfig {
             name: request.name,
-            path,
+            // Absolute, like the configured models (against medboxd's folder).
+            path: std::path::absolute(&path).unwrap_or(path),
             kind,
             aliases: request.aliases,
             dtype,

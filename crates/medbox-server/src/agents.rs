@@ -38,7 +38,9 @@ use medbox_runtime::{
     ChatMessage, ChatRequest, Constraint, GenerationEvent, ReasoningSplitter, SamplingParams,
     Usage, ValidationError,
 };
-use medbox_store::{NewAgentRun, NewFollowUp, SessionRole, SpecOrigin, Store, StoreError};
+use medbox_store::{
+    AgentSessionRecord, NewAgentRun, NewFollowUp, SessionRole, SpecOrigin, Store, StoreError,
+};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -509,6 +511,8 @@ struct RunSetup {
     input: Value,
     session_id: Option<String>,
     history: Vec<Message>,
+    /// Turns the session held before this run.
+    session_turns: usize,
     patient: Option<Arc<PatientRecord>>,
     request_id: String,
 }
@@ -539,23 +543,41 @@ impl AgentsService {
         let mut record = self.state.log.begin_for(method, &request);
         let request = request.into_inner();
         let request_id = record.adopt_client_request_id(&request.request_id);
-        let setup = self
-            .prepare(
+        let setup = async {
+            let session = match request.session_id.filter(|id| !id.is_empty()) {
+                Some(id) => Some(self.find_session(&id).await?),
+                None => None,
+            };
+            self.prepare(
                 &request.agent,
                 &request.input_json,
-                request.session_id,
+                session,
                 request.patient_bundle_json,
                 request_id,
             )
-            .await;
+            .await
+        }
+        .await;
         (record, setup)
     }
 
+    async fn find_session(&self, id: &str) -> Result<AgentSessionRecord, ApiError> {
+        self.state
+            .store
+            .find_agent_session(id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::SessionNotFound(id.to_owned()))
+    }
+
+    /// Checks a run's request and gathers what it needs: the spec, the
+    /// input, the session's recent history (`session`: already looked up)
+    /// and the patient's record.
     async fn prepare(
         &self,
         agent: &str,
         input_json: &str,
-        session_id: Option<String>,
+        session: Option<AgentSessionRecord>,
         patient_bundle_json: Option<String>,
         request_id: String,
     ) -> Result<RunSetup, ApiError> {
@@ -570,15 +592,10 @@ impl AgentsService {
             })?;
         let mut bundle = patient_bundle_json.filter(|text| !text.is_empty());
         let mut history = Vec::new();
-        let session_id = session_id.filter(|id| !id.is_empty());
-        if let Some(id) = &session_id {
-            let session = self
-                .state
-                .store
-                .find_agent_session(id)
-                .await
-                .map_err(ApiError::from)?
-                .ok_or_else(|| ApiError::SessionNotFound(id.clone()))?;
+        let mut session_turns = 0;
+        let session_id = session.as_ref().map(|session| session.id.clone());
+        if let Some(session) = session {
+            let id = &session.id;
             if session.agent_id != spec.id() {
                 return Err(ApiError::InvalidField {
                     field: "session_id",
@@ -598,6 +615,7 @@ impl AgentsService {
                 .agent_session_messages(id)
                 .await
                 .map_err(ApiError::from)?;
+            session_turns = messages.len() / 2;
             let keep_from = messages.len().saturating_sub(self.max_session_turns * 2);
             history = messages[keep_from..]
                 .iter()
@@ -619,15 +637,16 @@ impl AgentsService {
             input,
             session_id,
             history,
+            session_turns,
             patient,
             request_id,
         })
     }
 
-    /// Runs an agent, records the run (and the session turn), and answers.
+    /// Runs an agent, records the run (and the session turn), and answers;
+    /// the request's record is charged the run's tokens and names the model
+    /// that answered.
     #[instrument(skip_all, fields(agent = %setup.spec.id()))]
-    /// Runs the agent and records the run; the request's record is charged
-    /// the run's tokens and names the model that answered.
     async fn run(
         &self,
         setup: RunSetup,
@@ -641,6 +660,7 @@ impl AgentsService {
             history,
             patient,
             request_id,
+            session_turns: _,
         } = setup;
         let store = &self.state.store;
         let run_id = store.new_agent_run_id().map_err(ApiError::from)?;
@@ -975,31 +995,15 @@ impl pb::agents_server::Agents for AgentsService {
             if request.session_id.is_empty() {
                 return Err(ApiError::MissingField("session_id"));
             }
-            let session = self
-                .state
-                .store
-                .find_agent_session(&request.session_id)
-                .await
-                .map_err(ApiError::from)?
-                .ok_or_else(|| ApiError::SessionNotFound(request.session_id.clone()))?;
+            let session = self.find_session(&request.session_id).await?;
+            let agent = session.agent_id.clone();
             let setup = self
-                .prepare(
-                    &session.agent_id,
-                    &request.input_json,
-                    Some(session.id.clone()),
-                    None,
-                    request_id,
-                )
+                .prepare(&agent, &request.input_json, Some(session), None, request_id)
                 .await?;
+            let turns_before = setup.session_turns;
             let result = self.run(setup, &mut record, &mut |_| {}).await?;
-            let turns = self
-                .state
-                .store
-                .agent_session_messages(&session.id)
-                .await
-                .map_err(ApiError::from)?
-                .len()
-                / 2;
+            // A completed run appended its turn.
+            let turns = turns_before + usize::from(!result.output_json.is_empty());
             Ok(pb::SendMessageResponse {
                 result: Some(result),
                 turns: u32::try_from(turns).unwrap_or(u32::MAX),

@@ -810,7 +810,9 @@ impl Config {
             let batching = model.batching(index)?;
             valid.push(ValidModelConfig {
                 name,
-                path: model.path.clone(),
+                // Absolute, as the registry stores it: a trainer runs in its
+                // job folder and reads the path from there.
+                path: std::path::absolute(&model.path).unwrap_or_else(|_| model.path.clone()),
                 kind,
                 aliases: model.aliases.clone(),
                 dtype,

@@ -88,10 +88,10 @@ pub struct RunnerConfig {
 }
 
 impl RunnerConfig {
-    /// Absolute, because the trainer runs inside it and reads every path of
-    /// its spec from there (a relative `data_dir` is medboxd's).
+    /// Absolute (`data_dir` is canonical), because the trainer runs inside
+    /// it and reads every path of its spec from there.
     pub fn job_dir(&self, id: &str) -> PathBuf {
-        absolute(&self.data_dir.join(JOBS_DIR).join(id))
+        self.data_dir.join(JOBS_DIR).join(id)
     }
 }
 
@@ -963,7 +963,7 @@ fn job_spec(
             format!("dataset {} has no files", dataset.id),
         ));
     };
-    let folder = absolute(Path::new(folder));
+    let folder = Path::new(folder);
     let job_dir = config.job_dir(&job.id);
     Ok(JobSpec {
         protocol_version: protocol::PROTOCOL_VERSION,
@@ -1335,8 +1335,10 @@ pub fn default_trainer_path() -> Option<PathBuf> {
     Some(exe.parent()?.join(protocol::TRAINER_PROGRAM))
 }
 
-/// `path` made absolute against medboxd's working directory (the trainer runs
-/// in its job folder, where a relative path would mean something else).
+/// A model path of a stored job made absolute against medboxd's working
+/// directory. Model paths are absolute where they enter (configuration,
+/// LoadModel); jobs queued by an earlier medboxd may still hold relative ones,
+/// which a trainer running in its job folder would misread.
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
