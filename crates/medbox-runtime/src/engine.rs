@@ -11,8 +11,16 @@
 //! reuse: a prompt that starts with blocks another request computed (an
 //! agent's system prompt, a chat's earlier turns) takes them instead of
 //! recomputing them.
+//!
+//! LoRA adapters of the engine's model can be attached while it serves
+//! (`Engine::attach_adapter`): the handle it returns submits under the
+//! adapter's name, and its sequences join the same batches as the base
+//! model's, each computed with its own adapter (`model::adapters`). Cached
+//! prefix blocks are never shared across adapters.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -30,7 +38,8 @@ use crate::detokenize::IncrementalDecoder;
 use crate::error::{EngineError, LoadError, RuntimeError, ValidationError};
 use crate::kv_blocks::{BlockAllocator, BlockTable};
 use crate::loader::{self, LoadedModel};
-use crate::model::{ChunkInput, KvPool, Model};
+use crate::lora::{self, AdapterFile};
+use crate::model::{ChunkInput, KvPool, Model, ServedAdapter};
 use crate::model_thread;
 use crate::sampling::Sampler;
 use crate::stop::StopMatcher;
@@ -109,6 +118,18 @@ pub const MAX_WAITING_LIMIT: usize = 65_536;
 
 enum Command {
     Generate(Box<Submission>),
+    /// Reads the adapter in `dir` and serves it as `id`.
+    Attach {
+        id: u64,
+        name: String,
+        dir: PathBuf,
+        reply: SyncSender<Result<(), LoadError>>,
+    },
+    /// Stops serving adapter `id` to new requests; its sequences finish.
+    Detach {
+        id: u64,
+        reply: Option<SyncSender<()>>,
+    },
     Shutdown,
 }
 
@@ -116,6 +137,29 @@ struct Submission {
     id: u64,
     request: ValidGenerateRequest,
     events: mpsc::Sender<GenerationEvent>,
+    /// The adapter the request is served with.
+    adapter: Option<Arc<AdapterView>>,
+}
+
+/// What a handle bound to an attached adapter knows of it. The adapter is
+/// detached when the last such handle is dropped (or by `Engine::shutdown`).
+struct AdapterView {
+    /// The adapter's id on the engine thread, and its prefix-cache namespace.
+    id: u64,
+    /// The base model's info under the adapter's name.
+    info: ModelInfo,
+    validator: Validator,
+    commands: SyncSender<Command>,
+}
+
+impl Drop for AdapterView {
+    fn drop(&mut self) {
+        // Best effort: an engine that stopped has nothing to detach.
+        let _ = self.commands.try_send(Command::Detach {
+            id: self.id,
+            reply: None,
+        });
+    }
 }
 
 struct Shared {
@@ -128,6 +172,11 @@ struct Shared {
     max_waiting: usize,
     max_running: usize,
     next_id: AtomicU64,
+    /// Ids for attached adapters; 0 is the base model.
+    next_adapter: AtomicU64,
+    /// The model folder, canonical, that adapters must name as their base;
+    /// `None` when the engine serves a merged adapter (nothing attaches to it).
+    base_dir: Option<PathBuf>,
     load: Arc<EngineLoad>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -206,13 +255,15 @@ struct Ready {
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<Shared>,
+    /// Set on a handle that serves an attached adapter.
+    adapter: Option<Arc<AdapterView>>,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("Engine")
-            .field("model", &self.shared.info.name)
+            .field("model", &self.info().name)
             .finish()
     }
 }
@@ -233,6 +284,8 @@ impl Engine {
         let load = Arc::new(EngineLoad::default());
         let worker_load = Arc::clone(&load);
         let thread_name = format!("medbox-engine-{}", config.name);
+        let base_dir = (!lora::is_adapter_folder(&config.path))
+            .then(|| std::fs::canonicalize(&config.path).unwrap_or_else(|_| config.path.clone()));
         let EngineConfig {
             name,
             path,
@@ -279,6 +332,7 @@ impl Engine {
                 },
                 waiting: VecDeque::new(),
                 running: Vec::new(),
+                adapters: HashMap::new(),
                 load: worker_load,
                 stopping: false,
             };
@@ -317,14 +371,98 @@ impl Engine {
                 max_waiting,
                 max_running,
                 next_id: AtomicU64::new(0),
+                next_adapter: AtomicU64::new(1),
+                base_dir,
                 load,
                 thread: Mutex::new(Some(thread)),
             }),
+            adapter: None,
         })
     }
 
+    /// The model this handle serves: the engine's, or for a handle from
+    /// `attach_adapter`, the same under the adapter's name.
     pub fn info(&self) -> &ModelInfo {
-        &self.shared.info
+        match &self.adapter {
+            Some(view) => &view.info,
+            None => &self.shared.info,
+        }
+    }
+
+    /// The name of the engine's own model, which an attached adapter adapts.
+    pub fn base_name(&self) -> &str {
+        &self.shared.info.name
+    }
+
+    fn validator(&self) -> &Validator {
+        match &self.adapter {
+            Some(view) => &view.validator,
+            None => &self.shared.validator,
+        }
+    }
+
+    /// Blocking: serves the LoRA adapter in `dir` (PEFT's folder format) on
+    /// this engine as model `name`, beside the base model and any other
+    /// adapters, and returns the handle that submits with it. The adapter's
+    /// `base_model_name_or_path` must be this engine's model folder. The
+    /// tensors are read on the engine thread, between two steps. Call it
+    /// from `spawn_blocking` in async code.
+    #[instrument(skip_all, fields(model = %self.shared.info.name, adapter = %name))]
+    pub fn attach_adapter(&self, name: &str, dir: &Path) -> Result<Engine, LoadError> {
+        let config_path = dir.join(lora::ADAPTER_CONFIG_FILE);
+        let wrong_base = |message: String| LoadError::InvalidConfig {
+            path: config_path.clone(),
+            message,
+        };
+        let base = &self.shared.info.name;
+        let Some(base_dir) = self
+            .shared
+            .base_dir
+            .as_ref()
+            .filter(|_| self.adapter.is_none())
+        else {
+            return Err(wrong_base(format!(
+                "model `{base}` serves a merged adapter; adapters attach only to a base model"
+            )));
+        };
+        let wanted = lora::base_model_dir(dir)?;
+        let wanted = std::fs::canonicalize(&wanted).unwrap_or(wanted);
+        if &wanted != base_dir {
+            return Err(wrong_base(format!(
+                "the adapter's base model is `{}`, but model `{base}` serves `{}`",
+                wanted.display(),
+                base_dir.display()
+            )));
+        }
+        let id = self.shared.next_adapter.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let stopped = || LoadError::EngineStopped {
+            model: base.clone(),
+        };
+        // A blocking send: waits for room when the queue is full.
+        self.shared
+            .commands
+            .send(Command::Attach {
+                id,
+                name: name.to_owned(),
+                dir: dir.to_path_buf(),
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        answer.recv().map_err(|_| stopped())??;
+        let mut info = self.shared.info.clone();
+        info.name = name.to_owned();
+        let mut validator = self.shared.validator.clone();
+        validator.model_name = name.to_owned();
+        Ok(Engine {
+            shared: Arc::clone(&self.shared),
+            adapter: Some(Arc::new(AdapterView {
+                id,
+                info,
+                validator,
+                commands: self.shared.commands.clone(),
+            })),
+        })
     }
 
     /// Requests waiting for the engine and sequences it is running now.
@@ -363,7 +501,7 @@ impl Engine {
         request: GenerateRequest,
     ) -> Result<ValidGenerateRequest, ValidationError> {
         let tokenizer = &self.shared.tokenizer;
-        self.shared.validator.validate(request, |prompt| {
+        self.validator().validate(request, |prompt| {
             tokenizer
                 .encode(prompt, true)
                 .map(|encoding| encoding.get_ids().to_vec())
@@ -390,12 +528,12 @@ impl Engine {
                 .chat_template
                 .as_ref()
                 .ok_or_else(|| ValidationError::NoChatTemplate {
-                    model: self.shared.info.name.clone(),
+                    model: self.info().name.clone(),
                 })?;
         let prompt = chat::render_messages(template, &messages)?;
         let starts_in_reasoning = chat::ends_in_reasoning(&prompt);
         let tokenizer = &self.shared.tokenizer;
-        let mut valid = self.shared.validator.validate(
+        let mut valid = self.validator().validate(
             GenerateRequest {
                 prompt,
                 sampling,
@@ -422,7 +560,7 @@ impl Engine {
 
     /// Queues a request; never blocks. `QueueFull` when `max_waiting`
     /// requests already wait, `Stopped` after shutdown.
-    #[instrument(skip_all, fields(model = %self.shared.info.name))]
+    #[instrument(skip_all, fields(model = %self.info().name))]
     pub fn submit(&self, request: ValidGenerateRequest) -> Result<GenerationStream, EngineError> {
         // Room for one delta per token, a final flush and the Finished event,
         // so the engine never waits on a slow client.
@@ -433,6 +571,7 @@ impl Engine {
             id,
             request,
             events,
+            adapter: self.adapter.clone(),
         };
         // At most `max_running` run and `max_waiting` more wait. Counted
         // before the send, so the engine thread never takes it below zero.
@@ -445,7 +584,7 @@ impl Engine {
                 });
         if admitted.is_err() {
             return Err(EngineError::QueueFull {
-                model: self.shared.info.name.clone(),
+                model: self.info().name.clone(),
                 max_waiting: self.shared.max_waiting,
             });
         }
@@ -460,19 +599,34 @@ impl Engine {
         match sent {
             Ok(()) => Ok(GenerationStream { events: receiver }),
             Err(TrySendError::Full(_)) => Err(EngineError::QueueFull {
-                model: self.shared.info.name.clone(),
+                model: self.info().name.clone(),
                 max_waiting: self.shared.max_waiting,
             }),
             Err(TrySendError::Disconnected(_)) => Err(EngineError::Stopped {
-                model: self.shared.info.name.clone(),
+                model: self.info().name.clone(),
             }),
         }
     }
 
     /// Blocking: lets the thread finish everything submitted so far, then
     /// stops and joins it. Other handles get `Stopped` afterwards.
-    #[instrument(skip_all, fields(model = %self.shared.info.name))]
+    ///
+    /// On a handle from `attach_adapter`, only the adapter stops: it is
+    /// detached once everything submitted with it so far has been taken in
+    /// (those sequences still finish); the engine goes on serving the rest.
+    #[instrument(skip_all, fields(model = %self.info().name))]
     pub fn shutdown(self) {
+        if let Some(view) = &self.adapter {
+            let (reply, detached) = std::sync::mpsc::sync_channel(1);
+            let command = Command::Detach {
+                id: view.id,
+                reply: Some(reply),
+            };
+            if self.shared.commands.send(command).is_ok() {
+                let _stopped_engines_answer_nothing = detached.recv();
+            }
+            return;
+        }
         // A blocking send: waits for room if the queue is full.
         let _ = self.shared.commands.send(Command::Shutdown);
         let thread = match self.shared.thread.lock() {
@@ -541,15 +695,23 @@ struct Sequence {
     submitted: Instant,
     /// Prompt tokens found in the prefix cache at the last admission.
     reused: usize,
+    /// The adapter the sequence is computed with, and its id (0: none),
+    /// which is also its prefix-cache namespace.
+    adapter: Option<Rc<ServedAdapter>>,
+    adapter_id: u64,
 }
 
 impl Sequence {
     /// Fails (with the events sender back) when the constraint cannot start.
-    fn new(submission: Submission) -> Result<Self, (mpsc::Sender<GenerationEvent>, String)> {
+    fn new(
+        submission: Submission,
+        adapter: Option<Rc<ServedAdapter>>,
+    ) -> Result<Self, (mpsc::Sender<GenerationEvent>, String)> {
         let Submission {
             id,
             request,
             events,
+            adapter: view,
         } = submission;
         let constraint = match &request.constraint {
             Some(compiled) => match ConstraintState::new(
@@ -576,6 +738,8 @@ impl Sequence {
             constraint,
             submitted: Instant::now(),
             reused: 0,
+            adapter,
+            adapter_id: view.map_or(0, |view| view.id),
             request,
         })
     }
@@ -592,8 +756,8 @@ enum StepResult {
 }
 
 /// What a forward pass reads of one sequence: its tokens, how many are
-/// cached, its blocks.
-type FeedView<'a> = (&'a [u32], usize, &'a [u32]);
+/// cached, its blocks, its adapter.
+type FeedView<'a> = (&'a [u32], usize, &'a [u32], Option<&'a ServedAdapter>);
 
 /// One sequence's share of a step: feed `count` tokens from `computed`.
 struct Planned {
@@ -624,6 +788,9 @@ struct Worker {
     budget: Budget,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    /// Attached adapters by id. Sequences hold their own reference, so a
+    /// detached adapter lives until its last sequence ends.
+    adapters: HashMap<u64, Rc<ServedAdapter>>,
     load: Arc<EngineLoad>,
     stopping: bool,
 }
@@ -659,7 +826,22 @@ impl Worker {
     fn take(&mut self, command: Command) {
         match command {
             Command::Generate(submission) => {
-                let sequence = match Sequence::new(*submission) {
+                let adapter = match &submission.adapter {
+                    None => None,
+                    Some(view) => match self.adapters.get(&view.id) {
+                        Some(adapter) => Some(Rc::clone(adapter)),
+                        None => {
+                            // Detached between the caller's submit and now.
+                            let stopped = EngineError::Stopped {
+                                model: view.info.name.clone(),
+                            };
+                            let _ = submission.events.try_send(GenerationEvent::Failed(stopped));
+                            self.load.leave(true);
+                            return;
+                        }
+                    },
+                };
+                let sequence = match Sequence::new(*submission, adapter) {
                     Ok(sequence) => sequence,
                     Err((events, error)) => {
                         warn!(%error, "constraint could not start");
@@ -670,10 +852,44 @@ impl Worker {
                 };
                 debug!(
                     sequence = sequence.id,
+                    adapter = sequence.adapter_id,
                     prompt_tokens = sequence.tokens.len(),
                     "sequence queued"
                 );
                 self.waiting.push_back(sequence);
+            }
+            Command::Attach {
+                id,
+                name,
+                dir,
+                reply,
+            } => {
+                let started = Instant::now();
+                let served =
+                    AdapterFile::read(&dir).and_then(|file| self.model.serve_adapter(file));
+                let result = served.map(|adapter| {
+                    self.adapters.insert(id, Rc::new(adapter));
+                    info!(
+                        model = %self.info.name,
+                        adapter = %name,
+                        adapter_id = id,
+                        attached = self.adapters.len(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "adapter attached"
+                    );
+                });
+                if let Err(error) = &result {
+                    warn!(model = %self.info.name, adapter = %name, %error, "adapter not attached");
+                }
+                let _caller_may_be_gone = reply.send(result);
+            }
+            Command::Detach { id, reply } => {
+                if self.adapters.remove(&id).is_some() {
+                    info!(model = %self.info.name, adapter_id = id, "adapter detached");
+                }
+                if let Some(reply) = reply {
+                    let _caller_may_be_gone = reply.send(());
+                }
             }
             Command::Shutdown => self.stopping = true,
         }
@@ -712,7 +928,9 @@ impl Worker {
                 break;
             };
             let limit = sequence.tokens.len() - 1;
-            let (table, cached) = self.blocks.match_prefix(&sequence.tokens, limit);
+            let (table, cached) =
+                self.blocks
+                    .match_prefix(&sequence.tokens, limit, sequence.adapter_id);
             sequence.blocks = table;
             if !self
                 .blocks
@@ -812,18 +1030,24 @@ impl Worker {
         let mut inputs: Vec<FeedView<'_>> = Vec::new();
         let mut constraints: Vec<Option<&mut ConstraintState>> = Vec::new();
         for sequence in self.running.iter_mut() {
-            inputs.push((&sequence.tokens, sequence.computed, &sequence.blocks.blocks));
+            inputs.push((
+                &sequence.tokens,
+                sequence.computed,
+                &sequence.blocks.blocks,
+                sequence.adapter.as_deref(),
+            ));
             constraints.push(sequence.constraint.as_mut());
         }
         let chunks: Vec<ChunkInput<'_>> = plan
             .iter()
             .map(|planned| {
-                let (tokens, computed, blocks) = inputs[planned.index];
+                let (tokens, computed, blocks, adapter) = inputs[planned.index];
                 ChunkInput {
                     tokens: &tokens[computed..computed + planned.count],
                     offset: computed,
                     blocks,
                     logits: usize::from(planned.samples),
+                    adapter,
                 }
             })
             .collect();

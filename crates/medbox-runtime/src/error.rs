@@ -59,6 +59,8 @@ pub enum LoadError {
     ChatTemplate { path: PathBuf, message: String },
     #[error("the KV cache could not be set up: {0}")]
     KvCache(String),
+    #[error("model `{model}` is stopped")]
+    EngineStopped { model: String },
 }
 
 impl LoadError {
@@ -79,6 +81,7 @@ impl LoadError {
             LoadError::Thread(_) => "thread",
             LoadError::ChatTemplate { .. } => "chat_template",
             LoadError::KvCache(_) => "kv_cache",
+            LoadError::EngineStopped { .. } => "engine_stopped",
         }
     }
 }

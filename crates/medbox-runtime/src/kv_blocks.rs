@@ -16,6 +16,10 @@
 //! hash names a whole prefix, not a block's tokens alone. The tokens are
 //! kept beside the hash and compared on a hit: a hash collision can never
 //! hand one patient's cached context to another request.
+//!
+//! Blocks are cached per namespace: keys and values computed with one LoRA
+//! adapter differ from the base model's for the same tokens, so each adapter
+//! served on the engine has its own namespace (0 is the base model).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -29,10 +33,13 @@ pub(crate) struct BlockTable {
     registered: usize,
     /// The hash of the last registered block (the chain's parent).
     parent_hash: Option<u64>,
+    /// Whose keys and values the blocks hold (the adapter; 0: none).
+    namespace: u64,
 }
 
 struct CachedContent {
     hash: u64,
+    namespace: u64,
     tokens: Vec<u32>,
 }
 
@@ -78,20 +85,33 @@ impl BlockAllocator {
         tokens.div_ceil(self.block_size)
     }
 
-    /// Finds the longest run of cached full blocks holding a prefix of
-    /// `tokens[..limit]` and gives them to a new table (with a reference
-    /// each). Returns the table and the number of tokens it already holds.
-    pub(crate) fn match_prefix(&mut self, tokens: &[u32], limit: usize) -> (BlockTable, usize) {
-        let mut table = BlockTable::default();
+    /// Finds the longest run of cached full blocks of `namespace` holding a
+    /// prefix of `tokens[..limit]` and gives them to a new table (with a
+    /// reference each). Returns the table and the number of tokens it
+    /// already holds.
+    pub(crate) fn match_prefix(
+        &mut self,
+        tokens: &[u32],
+        limit: usize,
+        namespace: u64,
+    ) -> (BlockTable, usize) {
+        let mut table = BlockTable {
+            namespace,
+            ..BlockTable::default()
+        };
         let limit = limit.min(tokens.len());
         for chunk in tokens[..limit].chunks_exact(self.block_size) {
-            let hash = chain_hash(table.parent_hash, chunk);
+            let hash = chain_hash(namespace, table.parent_hash, chunk);
             let Some(&block) = self.by_hash.get(&hash) else {
                 break;
             };
             let same = self.content[block as usize]
                 .as_ref()
-                .is_some_and(|content| content.hash == hash && content.tokens == chunk);
+                .is_some_and(|content| {
+                    content.hash == hash
+                        && content.namespace == namespace
+                        && content.tokens == chunk
+                });
             if !same {
                 break;
             }
@@ -136,7 +156,7 @@ impl BlockAllocator {
         while table.registered < full {
             let index = table.registered;
             let chunk = &tokens[index * self.block_size..(index + 1) * self.block_size];
-            let hash = chain_hash(table.parent_hash, chunk);
+            let hash = chain_hash(table.namespace, table.parent_hash, chunk);
             let block = table.blocks[index];
             // Another block may already hold this prefix (two sequences
             // computed it at once); then this one stays anonymous.
@@ -144,6 +164,7 @@ impl BlockAllocator {
                 entry.insert(block);
                 self.content[block as usize] = Some(CachedContent {
                     hash,
+                    namespace: table.namespace,
                     tokens: chunk.to_vec(),
                 });
             }
@@ -192,10 +213,11 @@ impl BlockAllocator {
     }
 }
 
-fn chain_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
+fn chain_hash(namespace: u64, parent: Option<u64>, tokens: &[u32]) -> u64 {
     // DefaultHasher::new() uses fixed keys: the same prefix always hashes
     // the same within a process, which is all the cache needs.
     let mut hasher = DefaultHasher::new();
+    namespace.hash(&mut hasher);
     parent.hash(&mut hasher);
     tokens.hash(&mut hasher);
     hasher.finish()
@@ -238,7 +260,7 @@ mod tests {
 
         let mut longer = prompt.clone();
         longer.extend([7, 7, 7]);
-        let (table, cached) = allocator.match_prefix(&longer, longer.len() - 1);
+        let (table, cached) = allocator.match_prefix(&longer, longer.len() - 1, 0);
         assert_eq!(cached, 8, "two full blocks of four");
         assert_eq!(table.blocks, first_blocks[..2]);
     }
@@ -250,7 +272,7 @@ mod tests {
         let mut first = BlockTable::default();
         assert!(allocator.grow(&mut first, 8));
         allocator.register_full_blocks(&mut first, &prompt, 8);
-        let (_table, cached) = allocator.match_prefix(&prompt, prompt.len() - 1);
+        let (_table, cached) = allocator.match_prefix(&prompt, prompt.len() - 1, 0);
         assert_eq!(cached, 4, "the second block would leave nothing to compute");
     }
 
@@ -263,8 +285,30 @@ mod tests {
         allocator.register_full_blocks(&mut first, &prompt, 8);
         let mut changed = prompt.clone();
         changed[0] = 1;
-        let (table, cached) = allocator.match_prefix(&changed, 8);
+        let (table, cached) = allocator.match_prefix(&changed, 8, 0);
         assert_eq!((table.blocks.len(), cached), (0, 0));
+    }
+
+    #[test]
+    fn blocks_are_reused_only_within_their_namespace() {
+        let mut allocator = BlockAllocator::new(8, 4);
+        let prompt = tokens(8);
+        let (mut adapted, cached) = allocator.match_prefix(&prompt, 8, 7);
+        assert_eq!(cached, 0);
+        assert!(allocator.grow(&mut adapted, 8));
+        allocator.register_full_blocks(&mut adapted, &prompt, 8);
+        allocator.release(&mut adapted);
+        assert_eq!(allocator.match_prefix(&prompt, 8, 0).1, 0, "the base model");
+        assert_eq!(
+            allocator.match_prefix(&prompt, 8, 3).1,
+            0,
+            "another adapter"
+        );
+        assert_eq!(
+            allocator.match_prefix(&prompt, 8, 7).1,
+            8,
+            "the same adapter"
+        );
     }
 
     #[test]
@@ -274,7 +318,7 @@ mod tests {
         let mut first = BlockTable::default();
         assert!(allocator.grow(&mut first, 8));
         allocator.register_full_blocks(&mut first, &prompt, 8);
-        let (mut second, cached) = allocator.match_prefix(&prompt, 8);
+        let (mut second, cached) = allocator.match_prefix(&prompt, 8, 0);
         assert_eq!(cached, 8);
         assert_eq!(
             allocator.available(),
@@ -299,8 +343,8 @@ mod tests {
         }
         let mut table = BlockTable::default();
         assert!(allocator.grow(&mut table, 4), "evicts a's block");
-        assert_eq!(allocator.match_prefix(&a, 4).1, 0);
-        let (mut hit, cached) = allocator.match_prefix(&b, 4);
+        assert_eq!(allocator.match_prefix(&a, 4, 0).1, 0);
+        let (mut hit, cached) = allocator.match_prefix(&b, 4, 0);
         assert_eq!(cached, 4, "b's block survived");
         allocator.release(&mut hit);
         allocator.release(&mut table);

@@ -23,7 +23,9 @@
 //! - `engine`: the `Engine` handle, its thread and the per-request
 //!   `GenerationStream`.
 //! - `lora`: LoRA adapters in PEFT's folder format; an adapter folder loads
-//!   as its own model, merged into its base model's weights at load.
+//!   as its own model, merged into its base model's weights at load, or is
+//!   attached to an engine serving its base (`Engine::attach_adapter`), so
+//!   one batch mixes the base model and several adapters (`model::adapters`).
 //! - `train`: `TrainableModel` for `medbox-trainer`: the same decoder with
 //!   LoRA adapters or every weight trainable, the training pass
 //!   (`Model::forward_sequences`: whole sequences, causal, no KV cache,
@@ -164,8 +166,41 @@ pub mod debug {
         ids: &[u32],
         chunk: usize,
     ) -> Result<Vec<Vec<f32>>, DebugError> {
+        logits_of(path, None, dtype, device, ids, chunk)
+    }
+
+    /// `prompt_logits` of the base model in `path` with the LoRA adapter in
+    /// `adapter` served beside it, unmerged (as `Engine::attach_adapter`
+    /// serves it).
+    pub fn attached_adapter_logits(
+        path: &Path,
+        adapter: &Path,
+        dtype: DType,
+        device: Device,
+        ids: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<Vec<f32>>, DebugError> {
+        logits_of(path, Some(adapter), dtype, device, ids, chunk)
+    }
+
+    fn logits_of(
+        path: &Path,
+        adapter: Option<&Path>,
+        dtype: DType,
+        device: Device,
+        ids: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<Vec<f32>>, DebugError> {
         let _no_grad = tch::no_grad_guard();
         let loaded = loader::load("debug", path, Some(dtype), device)?;
+        let adapter = match adapter {
+            Some(dir) => Some(
+                loaded
+                    .model
+                    .serve_adapter(crate::lora::AdapterFile::read(dir)?)?,
+            ),
+            None => None,
+        };
         let block_size = 16;
         let num_blocks = ids.len().div_ceil(block_size).max(1);
         let mut pool = loaded
@@ -181,6 +216,7 @@ pub mod debug {
                 offset,
                 blocks: &blocks,
                 logits: piece.len(),
+                adapter: adapter.as_ref(),
             };
             let logits = loaded
                 .model

@@ -3,12 +3,15 @@
 //! `base_model.model.<module>.lora_A.weight` (r, in) and `….lora_B.weight`
 //! (out, r), the update scaled by `lora_alpha / r`.
 //!
-//! Serving (first step): an adapter folder loads as its own model by merging
-//! `scale · B A` into the base model's weights as they are read (so int8
-//! quantizes the merged weights). The base model is the folder named by the
-//! adapter's `base_model_name_or_path`. One engine per adapter: serving
-//! several adapters on one base engine (an adapter id per sequence in the
-//! batch) is not built yet.
+//! Serving, two ways. The base model is the folder named by the adapter's
+//! `base_model_name_or_path`.
+//! - **Merged**: an adapter folder loads as its own model by merging
+//!   `scale · B A` into the base model's weights as they are read (so int8
+//!   quantizes the merged weights); one engine per adapter.
+//! - **Attached**: `Engine::attach_adapter` serves the adapter on an engine
+//!   that already runs its base model. The base weights are shared; each
+//!   sequence in a batch names its adapter (or none), and the adapter's
+//!   low-rank update is added to its rows only (`model::adapters`).
 //!
 //! **Architecture Invariant:** only this module knows PEFT's file layout.
 
@@ -89,60 +92,75 @@ pub fn is_adapter_folder(dir: &Path) -> bool {
     dir.join(ADAPTER_CONFIG_FILE).is_file() && !dir.join("config.json").is_file()
 }
 
-/// An adapter read for merging: its base model's folder and, per weight
-/// name (`model.layers.0.self_attn.q_proj.weight`), `scale · B A` in f32 on
-/// the CPU.
-pub(crate) struct MergeDeltas {
+/// An adapter folder as read: its base model's folder, and each module's
+/// halves (`A` (r, in), `B` (out, r)) with `B` already scaled, in f32 on the
+/// CPU.
+pub(crate) struct AdapterFile {
     pub base_dir: PathBuf,
-    deltas: HashMap<String, Tensor>,
+    /// The safetensors file, for messages.
+    pub weights_path: PathBuf,
+    /// By module name (`model.layers.0.self_attn.q_proj`), sorted.
+    pub modules: Vec<(String, Tensor, Tensor)>,
 }
 
-impl MergeDeltas {
-    /// Reads the adapter in `dir`; every problem names the file at fault.
-    pub(crate) fn read(dir: &Path) -> Result<MergeDeltas, LoadError> {
-        let config_path = dir.join(ADAPTER_CONFIG_FILE);
-        let invalid = |message: String| LoadError::InvalidConfig {
-            path: config_path.clone(),
-            message,
-        };
-        let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io {
-            path: config_path.clone(),
-            source,
+/// The settings of the adapter in `dir`, checked, with its base model's folder.
+fn read_config(dir: &Path) -> Result<(AdapterConfig, PathBuf), LoadError> {
+    let config_path = dir.join(ADAPTER_CONFIG_FILE);
+    let invalid = |message: String| LoadError::InvalidConfig {
+        path: config_path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let config: AdapterConfig =
+        serde_json::from_str(&text).map_err(|error| invalid(error.to_string()))?;
+    if config.peft_type != "LORA" {
+        return Err(invalid(format!(
+            "`peft_type` is {}; only LORA adapters are supported",
+            config.peft_type
+        )));
+    }
+    if config.r <= 0 {
+        return Err(invalid(format!("`r` must be > 0, got {}", config.r)));
+    }
+    if config.bias != "none" || config.fan_in_fan_out || config.use_dora {
+        return Err(invalid(
+            "only plain LoRA is supported (`bias` none, no `fan_in_fan_out`, no DoRA)".into(),
+        ));
+    }
+    let base = config
+        .base_model_name_or_path
+        .as_deref()
+        .filter(|base| !base.is_empty())
+        .ok_or_else(|| {
+            invalid("`base_model_name_or_path` must name the base model's folder".into())
         })?;
-        let config: AdapterConfig =
-            serde_json::from_str(&text).map_err(|error| invalid(error.to_string()))?;
-        if config.peft_type != "LORA" {
-            return Err(invalid(format!(
-                "`peft_type` is {}; only LORA adapters are supported",
-                config.peft_type
-            )));
-        }
-        if config.r <= 0 {
-            return Err(invalid(format!("`r` must be > 0, got {}", config.r)));
-        }
-        if config.bias != "none" || config.fan_in_fan_out || config.use_dora {
-            return Err(invalid(
-                "only plain LoRA is supported (`bias` none, no `fan_in_fan_out`, no DoRA)".into(),
-            ));
-        }
-        let base = config
-            .base_model_name_or_path
-            .as_deref()
-            .filter(|base| !base.is_empty())
-            .ok_or_else(|| {
-                invalid("`base_model_name_or_path` must name the base model's folder".into())
-            })?;
-        let base_dir = if Path::new(base).is_absolute() {
-            PathBuf::from(base)
-        } else {
-            dir.join(base)
-        };
-        if !base_dir.join("config.json").is_file() {
-            return Err(invalid(format!(
-                "the base model folder `{}` has no config.json",
-                base_dir.display()
-            )));
-        }
+    let base_dir = if Path::new(base).is_absolute() {
+        PathBuf::from(base)
+    } else {
+        dir.join(base)
+    };
+    if !base_dir.join("config.json").is_file() {
+        return Err(invalid(format!(
+            "the base model folder `{}` has no config.json",
+            base_dir.display()
+        )));
+    }
+    Ok((config, base_dir))
+}
+
+/// The folder of the base model the adapter in `dir` was trained on, from
+/// its `adapter_config.json` (tensors are not read).
+pub fn base_model_dir(dir: &Path) -> Result<PathBuf, LoadError> {
+    read_config(dir).map(|(_, base_dir)| base_dir)
+}
+
+impl AdapterFile {
+    /// Reads the adapter in `dir`; every problem names the file at fault.
+    pub(crate) fn read(dir: &Path) -> Result<AdapterFile, LoadError> {
+        let (config, base_dir) = read_config(dir)?;
         let scale = if config.use_rslora {
             config.lora_alpha / (config.r as f64).sqrt()
         } else {
@@ -180,7 +198,7 @@ impl MergeDeltas {
                 entry.1 = Some(tensor);
             }
         }
-        let mut deltas = HashMap::new();
+        let mut modules = Vec::with_capacity(halves.len());
         for (module, pair) in halves {
             let (Some(a), Some(b)) = pair else {
                 return Err(tensor_error(
@@ -188,11 +206,55 @@ impl MergeDeltas {
                     "has only one of lora_A and lora_B".into(),
                 ));
             };
-            let delta = merge_delta(&a, &b, scale)
-                .map_err(|error| tensor_error(&module, error.to_string()))?;
+            let halves = || -> Result<(Tensor, Tensor), TchError> {
+                let cpu =
+                    |tensor: &Tensor| tensor.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu);
+                let (a, b) = (cpu(&a)?, cpu(&b)?.f_mul_scalar(scale)?);
+                let (a_size, b_size) = (a.size(), b.size());
+                if a_size.len() != 2 || b_size.len() != 2 || a_size[0] != b_size[1] {
+                    return Err(TchError::Shape(format!(
+                        "lora_A is {a_size:?} and lora_B {b_size:?}; expected (r, in) and (out, r)"
+                    )));
+                }
+                Ok((a, b))
+            };
+            let (a, b) = halves().map_err(|error| tensor_error(&module, error.to_string()))?;
+            modules.push((module, a, b));
+        }
+        modules.sort_by(|left, right| left.0.cmp(&right.0));
+        Ok(AdapterFile {
+            base_dir,
+            weights_path,
+            modules,
+        })
+    }
+}
+
+/// An adapter read for merging: its base model's folder and, per weight
+/// name (`model.layers.0.self_attn.q_proj.weight`), `scale · B A` in f32 on
+/// the CPU.
+pub(crate) struct MergeDeltas {
+    pub base_dir: PathBuf,
+    deltas: HashMap<String, Tensor>,
+}
+
+impl MergeDeltas {
+    /// Reads the adapter in `dir`; every problem names the file at fault.
+    pub(crate) fn read(dir: &Path) -> Result<MergeDeltas, LoadError> {
+        let file = AdapterFile::read(dir)?;
+        let mut deltas = HashMap::new();
+        for (module, a, b) in &file.modules {
+            let delta = b.f_matmul(a).map_err(|error| LoadError::Tensor {
+                path: file.weights_path.clone(),
+                tensor: module.clone(),
+                message: error.to_string(),
+            })?;
             deltas.insert(format!("{module}.weight"), delta);
         }
-        Ok(MergeDeltas { base_dir, deltas })
+        Ok(MergeDeltas {
+            base_dir: file.base_dir,
+            deltas,
+        })
     }
 
     /// Takes the update of weight `name`, if the adapter has one.
@@ -206,13 +268,6 @@ impl MergeDeltas {
         names.sort();
         names
     }
-}
-
-/// `scale · B A`, (out, in), in f32 on the CPU.
-fn merge_delta(a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor, TchError> {
-    let a = a.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?;
-    let b = b.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?;
-    b.f_matmul(&a)?.f_mul_scalar(scale)
 }
 
 /// What writing an adapter folder can fail on.
@@ -314,14 +369,5 @@ mod tests {
         check(&["q_proj", "v_proj"], [true, false]);
         check(&[down], [false, true]);
         assert_eq!(settings(&["q_proj"]).scale(), 2.0);
-    }
-
-    #[test]
-    fn merge_delta_is_scaled_b_times_a() {
-        let a = Tensor::from_slice(&[1.0f32, 2.0]).view([1, 2]); // r 1, in 2
-        let b = Tensor::from_slice(&[3.0f32, 4.0, 5.0]).view([3, 1]); // out 3
-        let delta = merge_delta(&a, &b, 0.5).unwrap();
-        let values = Vec::<f32>::try_from(delta.view([-1])).unwrap();
-        assert_eq!(values, [1.5, 3.0, 2.0, 4.0, 2.5, 5.0]);
     }
 }

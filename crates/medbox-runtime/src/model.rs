@@ -4,6 +4,8 @@
 //! top-down: `RmsNorm`, `Linear`, `RotaryEmbedding`, `KvCache`, `Attention`,
 //! `Mlp`, `Block`, `Model`, each with `load` and `forward`. Weight names mirror
 //! the Hugging Face checkpoint (`model.layers.{i}.self_attn.q_proj.weight`).
+//! LoRA adapters served unmerged (`adapters`) add their low-rank update to
+//! the rows of the sequences that name them, inside each block's projections.
 //!
 //! Shapes in comments: B batch, L new tokens, T cached + new tokens, H query
 //! heads, K key/value heads, D head_dim, E hidden size, V vocabulary.
@@ -80,6 +82,15 @@ impl Linear {
             },
             policy: weights.matmul_policy(),
         })
+    }
+
+    /// (out, in).
+    fn shape(&self) -> (i64, i64) {
+        let size = match &self.weight {
+            LinearWeight::Dense(weight) => weight.size(),
+            LinearWeight::Int8 { weight, .. } => weight.size(),
+        };
+        (size[0], size[1])
     }
 
     /// A dense layer over an existing tensor (a tied output head).
@@ -318,31 +329,35 @@ impl Attention {
         xs: &Tensor,
         rotation: &(Tensor, Tensor),
         layout: &BatchLayout,
+        adapters: LayerAdapters<'_>,
         keys_pool: &mut Tensor,
         values_pool: &mut Tensor,
     ) -> Result<Tensor, TchError> {
         let rows = xs.size()[0];
         let (cos, sin) = rotation;
-        let heads = |projection: &Linear, heads: i64, norm: &Option<RmsNorm>| {
-            let states = projection
-                .forward(xs)?
-                .f_view([rows, heads, self.head_dim])?;
-            match norm {
-                Some(norm) => norm.forward(&states),
-                None => Ok(states),
-            }
-        };
+        let heads =
+            |linear: &Linear, projection: Projection, heads: i64, norm: &Option<RmsNorm>| {
+                let states = adapters.project(linear, projection, xs)?.f_view([
+                    rows,
+                    heads,
+                    self.head_dim,
+                ])?;
+                match norm {
+                    Some(norm) => norm.forward(&states),
+                    None => Ok(states),
+                }
+            };
         let query = rotate(
-            &heads(&self.q_proj, self.num_heads, &self.q_norm)?,
+            &heads(&self.q_proj, Projection::Q, self.num_heads, &self.q_norm)?,
             cos,
             sin,
         )?;
         let key = rotate(
-            &heads(&self.k_proj, self.num_kv_heads, &self.k_norm)?,
+            &heads(&self.k_proj, Projection::K, self.num_kv_heads, &self.k_norm)?,
             cos,
             sin,
         )?;
-        let value = heads(&self.v_proj, self.num_kv_heads, &None)?; // (N, K, D)
+        let value = heads(&self.v_proj, Projection::V, self.num_kv_heads, &None)?; // (N, K, D)
         // In place; the returned handle is the pool itself.
         let _pool = keys_pool.f_index_copy_(0, &layout.write_rows, &key)?;
         let _pool = values_pool.f_index_copy_(0, &layout.write_rows, &value)?;
@@ -420,7 +435,7 @@ impl Attention {
         } else {
             Tensor::f_cat(&outputs, 0)?
         };
-        self.o_proj.forward(&merged)
+        adapters.project(&self.o_proj, Projection::O, &merged)
     }
 }
 
@@ -466,10 +481,12 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
-        let gate = self.gate_proj.forward(xs)?.f_silu()?;
-        self.down_proj
-            .forward(&gate.f_mul(&self.up_proj.forward(xs)?)?)
+    fn forward(&self, xs: &Tensor, adapters: LayerAdapters<'_>) -> Result<Tensor, TchError> {
+        let gate = adapters
+            .project(&self.gate_proj, Projection::Gate, xs)?
+            .f_silu()?;
+        let up = adapters.project(&self.up_proj, Projection::Up, xs)?;
+        adapters.project(&self.down_proj, Projection::Down, &gate.f_mul(&up)?)
     }
 }
 
@@ -510,6 +527,7 @@ impl Block {
         xs: &Tensor,
         rotation: &(Tensor, Tensor),
         layout: &BatchLayout,
+        adapters: LayerAdapters<'_>,
         keys_pool: &mut Tensor,
         values_pool: &mut Tensor,
     ) -> Result<Tensor, TchError> {
@@ -517,14 +535,28 @@ impl Block {
             &self.input_layernorm.forward(xs)?,
             rotation,
             layout,
+            adapters,
             keys_pool,
             values_pool,
         )?;
         let xs = xs.f_add(&attended)?;
         let transformed = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+            .forward(&self.post_attention_layernorm.forward(&xs)?, adapters)?;
         xs.f_add(&transformed)
+    }
+
+    /// The block's linear layer `projection`.
+    fn linear(&self, projection: Projection) -> &Linear {
+        match projection {
+            Projection::Q => &self.self_attn.q_proj,
+            Projection::K => &self.self_attn.k_proj,
+            Projection::V => &self.self_attn.v_proj,
+            Projection::O => &self.self_attn.o_proj,
+            Projection::Gate => &self.mlp.gate_proj,
+            Projection::Up => &self.mlp.up_proj,
+            Projection::Down => &self.mlp.down_proj,
+        }
     }
 }
 
@@ -653,14 +685,20 @@ impl Model {
         let layout = self.layout(chunks, pool.block_size)?;
         let ids = Tensor::f_from_slice(&layout.ids)?.f_to_device(self.device)?;
         let rotation = self.rotary.at(&layout.positions)?;
+        let row_adapters: Vec<Option<&ServedAdapter>> = chunks
+            .iter()
+            .flat_map(|chunk| std::iter::repeat_n(chunk.adapter, chunk.tokens.len()))
+            .collect();
+        let adapters = BatchAdapters::new(&row_adapters, self.device)?;
         let mut xs = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?; // (N, E)
-        for ((layer, keys), values) in self
+        for (index, ((layer, keys), values)) in self
             .layers
             .iter()
             .zip(pool.keys.iter_mut())
             .zip(pool.values.iter_mut())
+            .enumerate()
         {
-            xs = layer.forward(&xs, &rotation, &layout, keys, values)?;
+            xs = layer.forward(&xs, &rotation, &layout, adapters.layer(index), keys, values)?;
         }
         let last = xs.f_index_select(0, &layout.logit_rows)?;
         let last = self.norm.forward(&last)?;
@@ -863,6 +901,8 @@ pub(crate) struct ChunkInput<'a> {
     pub blocks: &'a [u32],
     /// Logits are returned for this many last positions of the chunk.
     pub logits: usize,
+    /// The LoRA adapter the sequence is served with, if any.
+    pub adapter: Option<&'a ServedAdapter>,
 }
 
 /// The index tensors of one batched pass, shared by every layer.
@@ -904,7 +944,10 @@ struct PrefillChunk {
     causal: bool,
 }
 
+mod adapters;
 mod training;
+pub(crate) use adapters::ServedAdapter;
+use adapters::{BatchAdapters, LayerAdapters, Projection};
 pub(crate) use training::{LoraPair, TrainingPass};
 
 #[cfg(test)]

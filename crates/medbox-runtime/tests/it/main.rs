@@ -3,6 +3,7 @@
 //! `Engine`, and compare it with transformers (`reference.py`, run with the
 //! `python3` on PATH: source scripts/env.sh first).
 
+mod adapters;
 mod batching;
 mod constraints;
 mod embedding;
