@@ -2,8 +2,10 @@
 medboxd and medboxctl: SIGKILL of medboxd in the middle of a job (the next
 medboxd stops the trainer the dead one left behind, resumes the job from its
 last checkpoint, and the job finishes with the loss curve of an uninterrupted
-run), and a distillation whose student is loaded and answers."""
+run), a distillation whose student is loaded and answers, and a LoRA adapter
+served on the engine of its base model, beside it."""
 
+import concurrent.futures
 import json
 import random
 import signal
@@ -137,6 +139,49 @@ def test_a_distilled_student_is_registered_loaded_and_answers(tmp_path, pb):
         reply = stub.Generate(pb.inference_pb2.GenerateRequest(
             model="k-student", prompt="K 6.1", sampling=pb.inference_pb2.SamplingParams(max_tokens=4, temperature=0.0)), timeout=60)
         assert reply.usage.completion_tokens >= 1
+        assert server.terminate() == 0, server.log_text()
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def test_a_lora_adapter_is_served_on_its_base_models_engine(tmp_path, pb):
+    server = Medboxd(tmp_path, "sqlite", extra_config=CONFIG)
+    try:
+        ctl = Ctl(server)
+        dataset = tmp_path / "k.jsonl"
+        lab_flag_dataset(dataset, count=40)
+        ctl("datasets", "upload", str(dataset), "--name", "k-flags", "--format", "alpaca")
+        job_id = ctl("finetune", "create", "--base", "medical", "--dataset", "k-flags", "--method", "lora",
+                     "--epochs", "1", "--batch-size", "4", "--lr", "1e-2", "--output", "k-lab")[0]["id"]
+        assert ctl("finetune", "watch", job_id)[-1]["state"] == "succeeded"
+
+        loaded = ctl("models", "load", "k-lab")[0]
+        assert loaded["base_model"] == "tiny", loaded
+        listed = {model["name"]: model for model in ctl("models", "list")}
+        assert listed["k-lab"]["state"] == "ready" and listed["k-lab"]["base_model"] == "tiny"
+        assert listed["tiny"]["base_model"] == ""
+        assert "attaching the adapter to its base model's engine" in server.log_text()
+
+        # The base and its adapter answer at the same time, from one engine.
+        stub = pb.inference_pb2_grpc.InferenceStub(server.channel)
+        def generate(model):
+            return stub.Generate(pb.inference_pb2.GenerateRequest(
+                model=model, prompt="K 6.1",
+                sampling=pb.inference_pb2.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)),
+                timeout=60).token_ids
+        alone = {model: list(generate(model)) for model in ("tiny", "k-lab")}
+        assert alone["tiny"] != alone["k-lab"], "the adapter changes the answer"
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            models = ["tiny", "k-lab"] * 4
+            together = list(pool.map(generate, models))
+        assert [list(ids) for ids in together] == [alone[model] for model in models]
+
+        refused = subprocess.run(Ctl(server).args("models", "unload", "tiny"), capture_output=True, text=True)
+        assert refused.returncode != 0 and "`k-lab`" in refused.stderr, refused.stderr
+        ctl("models", "unload", "k-lab")
+        ctl("models", "unload", "tiny")
         assert server.terminate() == 0, server.log_text()
     finally:
         if server.proc.poll() is None:

@@ -394,6 +394,7 @@ fn model_json(model: &pb::ModelStatus) -> serde_json::Value {
         "dtype": model.dtype,
         "device": model.device,
         "max_context": model.max_context,
+        "base_model": model.base_model,
     })
 }
 
@@ -413,6 +414,9 @@ fn print_model_table(models: &[pb::ModelStatus]) {
             model.device,
             model.aliases.join(",")
         );
+        if !model.base_model.is_empty() {
+            println!("  adapter served on {}", model.base_model);
+        }
         if !model.error.is_empty() {
             println!("  error: {}", model.error);
         }

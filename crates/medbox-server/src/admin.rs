@@ -25,9 +25,9 @@ impl AdminService {
 
 fn manage_error(err: ManageError) -> ApiError {
     match err {
-        ManageError::AlreadyLoaded(_) | ManageError::StillLoading(_) => {
-            ApiError::Conflict(err.to_string())
-        }
+        ManageError::AlreadyLoaded(_)
+        | ManageError::StillLoading(_)
+        | ManageError::ServesAdapters { .. } => ApiError::Conflict(err.to_string()),
         ManageError::AliasIsAModel { .. } => ApiError::InvalidField {
             field: "aliases",
             reason: err.to_string(),

@@ -1,10 +1,16 @@
 //! Routes each request by model name or alias to the engine that holds it,
 //! and keeps every configured model's state (loading, ready, failed).
 //!
+//! A LoRA adapter folder whose base model is already served is attached to
+//! that model's engine (one set of base weights, the adapter's requests
+//! batched with the base's); otherwise it loads merged, as its own engine.
+//! A base model cannot be unloaded while adapters are attached to it.
+//!
 //! **Invariant:** the lock is never held across an `.await`; callers get a
 //! clone of the engine handle and talk to the engine through its channel.
 
 use std::{
+    path::PathBuf,
     sync::{Arc, RwLock},
     time::Instant,
 };
@@ -95,11 +101,15 @@ pub struct ModelView {
     pub state: &'static str,
     pub error: Option<String>,
     pub details: Option<ModelDetails>,
+    /// For an adapter attached to a served model: that model.
+    pub base_model: Option<String>,
 }
 
 struct Slot {
     config: ValidModelConfig,
     state: ModelState,
+    /// The model whose engine this adapter is attached to.
+    base: Option<String>,
 }
 
 impl Slot {
@@ -123,6 +133,8 @@ pub enum ManageError {
     NotLoaded(String),
     #[error("model `{name}` failed to load: {error}")]
     LoadFailed { name: String, error: String },
+    #[error("model `{name}` serves the adapters {adapters}; unload them first")]
+    ServesAdapters { name: String, adapters: String },
 }
 
 /// The table of served models. Names and aliases are looked up by a scan:
@@ -139,6 +151,7 @@ impl ModelRouter {
             .map(|config| Slot {
                 config,
                 state: ModelState::Loading,
+                base: None,
             })
             .collect();
         ModelRouter {
@@ -157,7 +170,8 @@ impl ModelRouter {
             .map(|slot| slot.config.clone())
             .collect();
         for config in configs {
-            let state = load_one(config.clone()).await;
+            let bases = self.base_candidates(&config);
+            let (state, base) = load_one(config.clone(), bases).await;
             log_outcome(&config.name, &state);
             if let Some(slot) = self
                 .write_slots()
@@ -165,6 +179,7 @@ impl ModelRouter {
                 .find(|slot| slot.config.name == config.name)
             {
                 slot.state = state;
+                slot.base = base;
             }
         }
     }
@@ -203,16 +218,19 @@ impl ModelRouter {
                         slots[index] = Slot {
                             config: without_aliases(&config),
                             state: ModelState::Loading,
+                            base: None,
                         };
                     }
                 },
                 None => slots.push(Slot {
                     config: without_aliases(&config),
                     state: ModelState::Loading,
+                    base: None,
                 }),
             }
         }
-        let state = load_one(config.clone()).await;
+        let bases = self.base_candidates(&config);
+        let (state, base) = load_one(config.clone(), bases).await;
         log_outcome(&config.name, &state);
         let mut slots = self.write_slots();
         let Some(index) = slots
@@ -231,8 +249,38 @@ impl ModelRouter {
             });
         }
         slots[index].state = state;
+        slots[index].base = base;
         move_aliases(&mut slots, &config.name, &config.aliases);
         Ok(view_of(&slots[index]))
+    }
+
+    /// The ready causal-LM engines `config` could attach to, when it is an
+    /// adapter folder: base models (not attached adapters) on its device,
+    /// in its dtype when it names one. Which one is its base is decided off
+    /// the runtime, where the folders can be compared.
+    fn base_candidates(&self, config: &ValidModelConfig) -> Vec<BaseCandidate> {
+        if config.kind != ModelKind::CausalLm {
+            return Vec::new();
+        }
+        self.read_slots()
+            .iter()
+            .filter(|slot| slot.base.is_none() && slot.config.name != config.name)
+            .filter_map(|slot| match &slot.state {
+                ModelState::Ready(LoadedModel::CausalLm(engine))
+                    if slot.config.device == config.device
+                        && config
+                            .dtype
+                            .is_none_or(|dtype| dtype == engine.info().dtype) =>
+                {
+                    Some(BaseCandidate {
+                        name: slot.config.name.clone(),
+                        path: slot.config.path.clone(),
+                        engine: engine.clone(),
+                    })
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Takes a model out of the table: new requests get NOT_FOUND at once;
@@ -245,6 +293,17 @@ impl ModelRouter {
             .ok_or_else(|| ManageError::NotLoaded(name.to_owned()))?;
         if matches!(slots[index].state, ModelState::Loading) {
             return Err(ManageError::StillLoading(name.to_owned()));
+        }
+        let adapters: Vec<String> = slots
+            .iter()
+            .filter(|slot| slot.base.as_deref() == Some(name))
+            .map(|slot| format!("`{}`", slot.config.name))
+            .collect();
+        if !adapters.is_empty() {
+            return Err(ManageError::ServesAdapters {
+                name: name.to_owned(),
+                adapters: adapters.join(", "),
+            });
         }
         let slot = slots.remove(index);
         Ok(match slot.state {
@@ -316,10 +375,12 @@ impl ModelRouter {
         self.read_slots().iter().map(view_of).collect()
     }
 
-    /// Stops every engine after its in-flight work; blocking, so called off the runtime.
+    /// Stops every engine after its in-flight work; blocking, so called off
+    /// the runtime. Attached adapters are detached before their base stops.
     pub fn shutdown_engines(&self) {
-        let models: Vec<LoadedModel> = self
-            .write_slots()
+        let mut slots = self.write_slots();
+        slots.sort_by_key(|slot| slot.base.is_none());
+        let models: Vec<LoadedModel> = slots
             .iter_mut()
             .filter_map(|slot| {
                 match std::mem::replace(
@@ -331,6 +392,7 @@ impl ModelRouter {
                 }
             })
             .collect();
+        drop(slots);
         for model in models {
             model.shutdown();
         }
@@ -360,9 +422,17 @@ fn view_of(slot: &Slot) -> ModelView {
             _ => None,
         },
         details: match &slot.state {
-            ModelState::Ready(model) => Some(model.details()),
+            // An attached adapter's engine load is its base model's.
+            ModelState::Ready(model) => {
+                let details = model.details();
+                Some(ModelDetails {
+                    load: details.load.filter(|_| slot.base.is_none()),
+                    ..details
+                })
+            }
             _ => None,
         },
+        base_model: slot.base.clone(),
     }
 }
 
@@ -411,7 +481,35 @@ fn log_outcome(name: &str, state: &ModelState) {
     }
 }
 
-async fn load_one(config: ValidModelConfig) -> ModelState {
+/// A served model that an adapter being loaded may attach to.
+struct BaseCandidate {
+    name: String,
+    path: PathBuf,
+    engine: Engine,
+}
+
+/// Blocking: the engine of the model `adapter`'s folder was trained on,
+/// among `bases`, when `adapter` is a LoRA adapter folder and its base is
+/// served.
+fn find_base(adapter: &std::path::Path, bases: Vec<BaseCandidate>) -> Option<BaseCandidate> {
+    if bases.is_empty() || !medbox_runtime::lora::is_adapter_folder(adapter) {
+        return None;
+    }
+    let canonical = |path: &std::path::Path| std::fs::canonicalize(path).ok();
+    let wanted = canonical(&medbox_runtime::lora::base_model_dir(adapter).ok()?)?;
+    bases.into_iter().find(|base| {
+        !medbox_runtime::lora::is_adapter_folder(&base.path)
+            && canonical(&base.path).as_ref() == Some(&wanted)
+    })
+}
+
+/// Loads `config`: attached to one of `bases` when it is an adapter of a
+/// served model, else as its own engine. Returns the state and, when
+/// attached, the base model's name.
+async fn load_one(
+    config: ValidModelConfig,
+    bases: Vec<BaseCandidate>,
+) -> (ModelState, Option<String>) {
     let started = Instant::now();
     let kind = config.kind;
     let engine_config = EngineConfig {
@@ -423,17 +521,34 @@ async fn load_one(config: ValidModelConfig) -> ModelState {
         batching: config.batching.clone(),
     };
     tracing::info!(model = %config.name, kind = kind.as_str(), path = %config.path.display(), "loading model");
-    let loaded = tokio::task::spawn_blocking(move || match kind {
-        ModelKind::CausalLm => Engine::start(engine_config).map(LoadedModel::CausalLm),
-        ModelKind::Embedding => Embedder::start(engine_config).map(LoadedModel::Embedding),
+    let loaded = tokio::task::spawn_blocking(move || {
+        if let Some(base) = find_base(&engine_config.path, bases) {
+            tracing::info!(
+                model = %engine_config.name,
+                base = %base.name,
+                "attaching the adapter to its base model's engine (the base's batching settings apply)"
+            );
+            let attached = base
+                .engine
+                .attach_adapter(&engine_config.name, &engine_config.path);
+            return attached.map(|engine| (LoadedModel::CausalLm(engine), Some(base.name)));
+        }
+        match kind {
+            ModelKind::CausalLm => Engine::start(engine_config).map(LoadedModel::CausalLm),
+            ModelKind::Embedding => Embedder::start(engine_config).map(LoadedModel::Embedding),
+        }
+        .map(|model| (model, None))
     })
     .await;
     match loaded {
-        Ok(Ok(model)) => {
+        Ok(Ok((model, base))) => {
             tracing::info!(model = %config.name, seconds = started.elapsed().as_secs_f64(), "model loaded");
-            ModelState::Ready(model)
+            (ModelState::Ready(model), base)
         }
-        Ok(Err(err)) => ModelState::Failed(err.to_string()),
-        Err(join_error) => ModelState::Failed(format!("the loader crashed: {join_error}")),
+        Ok(Err(err)) => (ModelState::Failed(err.to_string()), None),
+        Err(join_error) => (
+            ModelState::Failed(format!("the loader crashed: {join_error}")),
+            None,
+        ),
     }
 }

@@ -53,6 +53,7 @@ impl AppState {
                 .as_ref()
                 .map(|details| u32::try_from(details.max_context).unwrap_or(u32::MAX))
                 .unwrap_or_default(),
+            base_model: view.base_model.unwrap_or_default(),
         }
     }
 }

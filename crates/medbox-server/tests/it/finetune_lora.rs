@@ -211,11 +211,34 @@ async fn a_lora_job_teaches_the_tiny_model_a_lab_task_it_then_serves() {
         .model
         .unwrap();
     assert_eq!(loaded.name, "tiny-lab");
+    // Its base is served, so the adapter runs on the base's engine.
+    assert_eq!(loaded.base_model, "tiny-pretrained");
     test.wait_until_loaded().await;
-    let after = exact_match(&test, "tiny-lab", &held_out).await;
+    // Both at once: the engine batches the base's and the adapter's
+    // requests together, each with its own weights.
+    let (after, base_again) = tokio::join!(
+        exact_match(&test, "tiny-lab", &held_out),
+        exact_match(&test, "tiny-pretrained", &held_out)
+    );
     eprintln!(
-        "lab task exact match on {} held-out examples: base {before:.3}, adapter {after:.3}; eval loss {eval_losses:?}",
+        "lab task exact match on {} held-out examples: base {before:.3}, adapter {after:.3} \
+         (base again, beside the adapter: {base_again:.3}); eval loss {eval_losses:?}",
         held_out.len()
+    );
+    assert_eq!(base_again, before, "the base model answers as before");
+    // The base cannot go while the adapter runs on it.
+    let refused = test
+        .admin()
+        .unload_model(pb::UnloadModelRequest {
+            name: "tiny-pretrained".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("`tiny-lab`"),
+        "{}",
+        refused.message()
     );
     assert!(
         before <= 0.1,
