@@ -987,7 +987,9 @@ impl Worker {
     }
 
     /// Decodes first (one token each), then prefill chunks in admission
-    /// order within what is left of the token budget.
+    /// order within what is left of the token budget. Within each part the
+    /// sequences are then ordered by adapter, so that each adapter's rows
+    /// of the batch are consecutive.
     fn plan(&self) -> Vec<Planned> {
         let mut budget = self.budget.max_batch_tokens;
         let mut plan = Vec::with_capacity(self.running.len());
@@ -1001,6 +1003,7 @@ impl Worker {
                 budget -= 1;
             }
         }
+        let decodes = plan.len();
         for (index, sequence) in self.running.iter().enumerate() {
             let pending = sequence.pending();
             if pending > 1 && budget > 0 {
@@ -1013,6 +1016,9 @@ impl Worker {
                 budget -= count;
             }
         }
+        let adapter = |planned: &Planned| self.running[planned.index].adapter_id;
+        plan[..decodes].sort_by_key(adapter);
+        plan[decodes..].sort_by_key(adapter);
         plan
     }
 
@@ -1088,7 +1094,8 @@ impl Worker {
             Ok(logits) => logits,
             Err(error) => {
                 warn!(%error, sequences = plan.len(), "forward failed");
-                let failed: Vec<usize> = plan.iter().map(|planned| planned.index).collect();
+                let mut failed: Vec<usize> = plan.iter().map(|planned| planned.index).collect();
+                failed.sort_unstable();
                 self.finish_indices(&failed, |_, sequence| {
                     fail_sequence(sequence, error.to_string());
                 });

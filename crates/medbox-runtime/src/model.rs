@@ -689,7 +689,7 @@ impl Model {
             .iter()
             .flat_map(|chunk| std::iter::repeat_n(chunk.adapter, chunk.tokens.len()))
             .collect();
-        let adapters = BatchAdapters::new(&row_adapters, self.device)?;
+        let adapters = BatchAdapters::new(&row_adapters);
         let mut xs = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?; // (N, E)
         for (index, ((layer, keys), values)) in self
             .layers

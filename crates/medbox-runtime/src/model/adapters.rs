@@ -52,8 +52,10 @@ impl Projection {
     }
 }
 
-/// One adapter's halves for one linear layer, in the model's dtype and on
-/// its device: `A` (r, in) and `scale · B` (out, r).
+/// One adapter's halves for one linear layer, on the model's device: `A`
+/// (r, in) and `scale · B` (out, r). In the model's dtype, except for a
+/// bf16/f16 model on the CPU, whose thin products are several times faster
+/// in f32 there (libtorch has no fast reduced-precision kernel for them).
 struct LowRank {
     a: Tensor,
     b: Tensor,
@@ -74,7 +76,7 @@ impl ServedAdapter {
 impl Model {
     /// Checks `file` against this model (every module it names is a linear
     /// layer of a decoder block, with that layer's sizes) and moves it to
-    /// the model's dtype and device.
+    /// the model's device (and dtype, see `LowRank`).
     pub(crate) fn serve_adapter(&self, file: AdapterFile) -> Result<ServedAdapter, LoadError> {
         let mut by_name: HashMap<String, (usize, Projection)> = HashMap::new();
         for layer in 0..self.layers.len() {
@@ -115,9 +117,14 @@ impl Model {
                      ({out_features}, {in_features}): the adapter belongs to another model"
                 )));
             }
+            let kind = if self.device == tch::Device::Cpu {
+                tch::Kind::Float
+            } else {
+                self.kind
+            };
             let place = |tensor: Tensor| -> Result<Tensor, TchError> {
                 tensor
-                    .f_to_kind(self.kind)?
+                    .f_to_kind(kind)?
                     .f_to_device(self.device)?
                     .f_contiguous()
             };
@@ -134,42 +141,38 @@ impl Model {
     }
 }
 
-/// The adapters of one batched pass: each adapter used, with the batch rows
-/// of its sequences (`None`: every row).
+/// The adapters of one batched pass: each adapter used, with the runs of
+/// consecutive batch rows (start, length) of its sequences. The engine
+/// orders a batch's sequences by adapter, so an adapter has a run among the
+/// decoding sequences and one among the prefill chunks at most.
 #[derive(Default)]
 pub(crate) struct BatchAdapters<'a> {
-    groups: Vec<(&'a ServedAdapter, Option<Tensor>)>,
+    groups: Vec<(&'a ServedAdapter, Vec<(i64, i64)>)>,
 }
 
 impl<'a> BatchAdapters<'a> {
     /// `rows[i]` is the adapter of batch row `i`.
-    pub(crate) fn new(
-        rows: &[Option<&'a ServedAdapter>],
-        device: tch::Device,
-    ) -> Result<Self, TchError> {
-        let mut groups: Vec<(&'a ServedAdapter, Vec<i64>)> = Vec::new();
+    pub(crate) fn new(rows: &[Option<&'a ServedAdapter>]) -> Self {
+        let mut groups: Vec<(&'a ServedAdapter, Vec<(i64, i64)>)> = Vec::new();
         for (row, adapter) in rows.iter().enumerate() {
             let Some(adapter) = adapter else { continue };
-            match groups
+            let row = row as i64;
+            let runs = match groups
                 .iter_mut()
                 .find(|(known, _)| std::ptr::eq(*known, *adapter))
             {
-                Some((_, members)) => members.push(row as i64),
-                None => groups.push((adapter, vec![row as i64])),
+                Some((_, runs)) => runs,
+                None => {
+                    groups.push((adapter, Vec::new()));
+                    &mut groups.last_mut().expect("just pushed").1
+                }
+            };
+            match runs.last_mut() {
+                Some((start, length)) if *start + *length == row => *length += 1,
+                _ => runs.push((row, 1)),
             }
         }
-        let groups = groups
-            .into_iter()
-            .map(|(adapter, members)| {
-                let rows = if members.len() == rows.len() {
-                    None
-                } else {
-                    Some(Tensor::f_from_slice(&members)?.f_to_device(device)?)
-                };
-                Ok((adapter, rows))
-            })
-            .collect::<Result<_, TchError>>()?;
-        Ok(BatchAdapters { groups })
+        BatchAdapters { groups }
     }
 
     /// The view one decoder block uses.
@@ -184,7 +187,7 @@ impl<'a> BatchAdapters<'a> {
 /// The adapters of one batched pass, seen from one decoder block.
 #[derive(Clone, Copy)]
 pub(crate) struct LayerAdapters<'a> {
-    groups: &'a [(&'a ServedAdapter, Option<Tensor>)],
+    groups: &'a [(&'a ServedAdapter, Vec<(i64, i64)>)],
     layer: usize,
 }
 
@@ -196,22 +199,21 @@ impl LayerAdapters<'_> {
         projection: Projection,
         xs: &Tensor,
     ) -> Result<Tensor, TchError> {
-        let mut out = linear.forward(xs)?;
-        for (adapter, rows) in self.groups {
+        let out = linear.forward(xs)?;
+        for (adapter, runs) in self.groups {
             let Some(update) = adapter.update(self.layer, projection) else {
                 continue;
             };
-            let low_rank = |xs: &Tensor| {
-                xs.f_linear(&update.a, None::<Tensor>)?
-                    .f_linear(&update.b, None::<Tensor>)
-            };
-            out = match rows {
-                None => out.f_add(&low_rank(xs)?)?,
-                Some(rows) => {
-                    let delta = low_rank(&xs.f_index_select(0, rows)?)?;
-                    out.f_index_add_(0, rows, &delta)?
-                }
-            };
+            for &(start, length) in runs {
+                let rows = xs.f_narrow(0, start, length)?;
+                let delta = rows
+                    .f_to_kind(update.a.kind())?
+                    .f_linear(&update.a, None::<Tensor>)?
+                    .f_linear(&update.b, None::<Tensor>)?
+                    .f_to_kind(rows.kind())?;
+                // In place on a view of the product's rows.
+                let _rows = out.f_narrow(0, start, length)?.f_add_(&delta)?;
+            }
         }
         Ok(out)
     }
@@ -222,26 +224,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_are_grouped_by_adapter_and_a_whole_batch_needs_no_index() {
+    fn rows_are_grouped_by_adapter_in_runs() {
         let first = ServedAdapter { layers: Vec::new() };
         let second = ServedAdapter { layers: Vec::new() };
-        let cpu = tch::Device::Cpu;
-        let mixed =
-            BatchAdapters::new(&[Some(&first), None, Some(&second), Some(&first)], cpu).unwrap();
-        let rows: Vec<Vec<i64>> = mixed
-            .groups
-            .iter()
-            .map(|(_, rows)| Vec::<i64>::try_from(rows.as_ref().unwrap()).unwrap())
-            .collect();
-        assert_eq!(rows, [vec![0, 3], vec![2]]);
-        assert!(std::ptr::eq(mixed.groups[0].0, &first));
-        let whole = BatchAdapters::new(&[Some(&second), Some(&second)], cpu).unwrap();
-        assert!(whole.groups.len() == 1 && whole.groups[0].1.is_none());
-        assert!(
-            BatchAdapters::new(&[None, None], cpu)
-                .unwrap()
-                .groups
-                .is_empty()
-        );
+        let batch = BatchAdapters::new(&[
+            Some(&first),
+            Some(&first),
+            None,
+            Some(&second),
+            Some(&first),
+            Some(&second),
+        ]);
+        let runs: Vec<&[(i64, i64)]> = batch.groups.iter().map(|(_, runs)| &runs[..]).collect();
+        assert_eq!(runs, [&[(0, 2), (4, 1)][..], &[(3, 1), (5, 1)][..]]);
+        assert!(std::ptr::eq(batch.groups[0].0, &first));
+        assert!(BatchAdapters::new(&[None, None]).groups.is_empty());
     }
 }
