@@ -353,17 +353,13 @@ impl TrainableModel {
             IGNORED_LABEL,
             0.0,
         )?;
-        let mask = batch.expected.f_ne(IGNORED_LABEL)?;
-        let keep = mask.f_nonzero()?.f_squeeze_dim(1)?;
         let temperature = mix.temperature;
         let student = batch
             .predicted
-            .f_index_select(0, &keep)?
             .f_to_kind(Kind::Float)?
             .f_div_scalar(temperature)?
             .f_log_softmax(-1, Kind::Float)?;
         let teacher = teacher_logits
-            .f_index_select(0, &keep)?
             .f_to_kind(Kind::Float)?
             .f_div_scalar(temperature)?
             .f_log_softmax(-1, Kind::Float)?;
@@ -379,8 +375,7 @@ impl TrainableModel {
     }
 
     /// One right-padded batch through the model: the logits of every
-    /// position but the last, flattened (B·(L−1), V), and the labels they are
-    /// scored against.
+    /// position whose next token is a target, (N, V), and those targets.
     fn batch_logits(
         &self,
         examples: &[&EncodedExample],
@@ -397,34 +392,36 @@ impl TrainableModel {
             ));
         }
         let mut ids = Vec::with_capacity(examples.len() * length);
-        let mut labels = Vec::with_capacity(examples.len() * length);
-        let mut targets = 0i64;
-        for example in examples {
+        // Flat positions (row · L + t) whose next token is a target, and
+        // those targets.
+        let mut rows = Vec::new();
+        let mut expected = Vec::new();
+        for (row, example) in examples.iter().enumerate() {
             let padding = length - example.ids.len();
             ids.extend(&example.ids);
             ids.extend(std::iter::repeat_n(0, padding));
-            labels.extend(&example.labels);
-            labels.extend(std::iter::repeat_n(IGNORED_LABEL, padding));
-            targets += example.target_tokens() as i64;
+            for (position, &label) in example.labels.iter().enumerate().skip(1) {
+                if label != IGNORED_LABEL {
+                    rows.push((row * length + position - 1) as i64);
+                    expected.push(label);
+                }
+            }
         }
+        let targets = expected.len() as i64;
         let batch = examples.len() as i64;
-        let length = length as i64;
         let ids = Tensor::f_from_slice(&ids)?
-            .f_view([batch, length])?
+            .f_view([batch, length as i64])?
             .f_to_device(self.device)?;
-        let labels = Tensor::f_from_slice(&labels)?
-            .f_view([batch, length])?
-            .f_to_device(self.device)?;
+        let rows = Tensor::f_from_slice(&rows)?.f_to_device(self.device)?;
+        let expected = Tensor::f_from_slice(&expected)?.f_to_device(self.device)?;
         let pass = TrainingPass {
             adapters: &self.adapters,
             lora_dropout: self.lora.as_ref().map_or(0.0, |lora| lora.dropout),
             train,
         };
-        let logits = self.model.forward_sequences(&ids, &pass)?; // (B, L, V)
-        let vocab = logits.size()[2];
         Ok(BatchLogits {
-            predicted: logits.f_narrow(1, 0, length - 1)?.f_reshape([-1, vocab])?,
-            expected: labels.f_narrow(1, 1, length - 1)?.f_reshape([-1])?,
+            predicted: self.model.forward_sequences(&ids, &rows, &pass)?, // (N, V)
+            expected,
             targets,
         })
     }
@@ -490,13 +487,13 @@ impl TrainableModel {
     }
 }
 
-/// A batch's logits and the labels they are scored against.
+/// A batch's logits at the positions that carry loss, and their targets.
 struct BatchLogits {
-    /// (B·(L−1), V)
+    /// (N, V)
     predicted: Tensor,
-    /// (B·(L−1)), [`IGNORED_LABEL`] where no loss is taken.
+    /// (N,)
     expected: Tensor,
-    /// Positions that carry loss.
+    /// N.
     targets: i64,
 }
 

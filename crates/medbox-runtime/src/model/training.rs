@@ -200,11 +200,15 @@ impl Block {
 impl Model {
     /// The training pass: `ids` (B, L) int64 on the model's device, right
     /// padded (causal attention never lets a real token see the padding
-    /// after it) → logits (B, L, V) in f32. Gradients flow to whatever
-    /// requires them: the adapters, or the weights themselves.
+    /// after it) → the logits (N, V) in f32 of the N positions `rows` names
+    /// (indices into the flattened B·L positions): only the positions a
+    /// loss scores go through the output head, which is a large share of a
+    /// small model's work. Gradients flow to whatever requires them: the
+    /// adapters, or the weights themselves.
     pub(crate) fn forward_sequences(
         &self,
         ids: &Tensor,
+        rows: &Tensor,
         pass: &TrainingPass<'_>,
     ) -> Result<Tensor, TchError> {
         let (_, length) = ids.size2()?;
@@ -230,6 +234,8 @@ impl Model {
                 pass,
             )?;
         }
+        let hidden = xs.size().last().copied().unwrap_or(0);
+        let xs = xs.f_reshape([-1, hidden])?.f_index_select(0, rows)?; // (N, E)
         let xs = self.norm.forward(&xs)?;
         self.lm_head.forward(&xs)?.f_to_kind(Kind::Float)
     }
