@@ -528,10 +528,20 @@ async fn load_one(
                 base = %base.name,
                 "attaching the adapter to its base model's engine (the base's batching settings apply)"
             );
-            let attached = base
+            match base
                 .engine
-                .attach_adapter(&engine_config.name, &engine_config.path);
-            return attached.map(|engine| (LoadedModel::CausalLm(engine), Some(base.name)));
+                .attach_adapter(&engine_config.name, &engine_config.path)
+            {
+                Ok(engine) => return Ok((LoadedModel::CausalLm(engine), Some(base.name))),
+                // An adapter beyond the block's linear layers (an output
+                // head, embeddings) still serves merged.
+                Err(error) => tracing::warn!(
+                    model = %engine_config.name,
+                    base = %base.name,
+                    %error,
+                    "the adapter cannot run on its base's engine; loading it merged, as an engine of its own"
+                ),
+            }
         }
         match kind {
             ModelKind::CausalLm => Engine::start(engine_config).map(LoadedModel::CausalLm),

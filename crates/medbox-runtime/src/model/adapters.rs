@@ -104,8 +104,7 @@ impl Model {
             let &(layer, projection) = by_name.get(&module).ok_or_else(|| {
                 tensor_error(
                     "is not a linear layer of the model's decoder blocks; only those can be \
-                     served beside the base model (load the adapter under its own name to \
-                     merge it instead)"
+                     served beside the base model (such an adapter is served merged)"
                         .into(),
                 )
             })?;
