@@ -6,6 +6,7 @@ run), a distillation whose student is loaded and answers, and a LoRA adapter
 served on the engine of its base model, beside it."""
 
 import concurrent.futures
+import contextlib
 import json
 import random
 import signal
@@ -118,17 +119,35 @@ def test_sigkill_of_medboxd_mid_job_resumes_with_the_same_losses(tmp_path):
             restarted.proc.wait()
 
 
-def test_a_distilled_student_is_registered_loaded_and_answers(tmp_path, pb):
+@contextlib.contextmanager
+def small_server(tmp_path):
+    """A medboxd with the real trainer, killed if a test leaves it running."""
     server = Medboxd(tmp_path, "sqlite", extra_config=CONFIG)
     try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def train_small(ctl, tmp_path, *arguments):
+    """Uploads 40 lab examples as `k-flags`, runs `finetune create` on them
+    with `arguments` and watches the job to success; returns its id."""
+    dataset = tmp_path / "k.jsonl"
+    lab_flag_dataset(dataset, count=40)
+    ctl("datasets", "upload", str(dataset), "--name", "k-flags", "--format", "alpaca")
+    job_id = ctl("finetune", "create", "--base", "medical", "--dataset", "k-flags", "--epochs", "1",
+                 "--batch-size", "4", *arguments)[0]["id"]
+    events = ctl("finetune", "watch", job_id)
+    assert events[-1]["state"] == "succeeded", events[-1]
+    return job_id
+
+
+def test_a_distilled_student_is_registered_loaded_and_answers(tmp_path, pb):
+    with small_server(tmp_path) as server:
         ctl = Ctl(server)
-        dataset = tmp_path / "k.jsonl"
-        lab_flag_dataset(dataset, count=40)
-        ctl("datasets", "upload", str(dataset), "--name", "k-flags", "--format", "alpaca")
-        job_id = ctl("finetune", "create", "--base", "medical", "--teacher", "tiny", "--dataset", "k-flags",
-                     "--method", "distill", "--epochs", "1", "--batch-size", "4", "--output", "k-student")[0]["id"]
-        events = ctl("finetune", "watch", job_id)
-        assert events[-1]["state"] == "succeeded", events[-1]
+        job_id = train_small(ctl, tmp_path, "--teacher", "tiny", "--method", "distill", "--output", "k-student")
         job = next(j for j in ctl("finetune", "list") if j["id"] == job_id)
         assert (job["model_version"], job["model_kind"]) == (1, "merged")
         log = (server.data_dir / "jobs" / job_id / "trainer.log").read_text()
@@ -140,22 +159,12 @@ def test_a_distilled_student_is_registered_loaded_and_answers(tmp_path, pb):
             model="k-student", prompt="K 6.1", sampling=pb.inference_pb2.SamplingParams(max_tokens=4, temperature=0.0)), timeout=60)
         assert reply.usage.completion_tokens >= 1
         assert server.terminate() == 0, server.log_text()
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
 
 
 def test_a_lora_adapter_is_served_on_its_base_models_engine(tmp_path, pb):
-    server = Medboxd(tmp_path, "sqlite", extra_config=CONFIG)
-    try:
+    with small_server(tmp_path) as server:
         ctl = Ctl(server)
-        dataset = tmp_path / "k.jsonl"
-        lab_flag_dataset(dataset, count=40)
-        ctl("datasets", "upload", str(dataset), "--name", "k-flags", "--format", "alpaca")
-        job_id = ctl("finetune", "create", "--base", "medical", "--dataset", "k-flags", "--method", "lora",
-                     "--epochs", "1", "--batch-size", "4", "--lr", "1e-2", "--output", "k-lab")[0]["id"]
-        assert ctl("finetune", "watch", job_id)[-1]["state"] == "succeeded"
+        train_small(ctl, tmp_path, "--method", "lora", "--lr", "1e-2", "--output", "k-lab")
 
         loaded = ctl("models", "load", "k-lab")[0]
         assert loaded["base_model"] == "tiny", loaded
@@ -183,7 +192,3 @@ def test_a_lora_adapter_is_served_on_its_base_models_engine(tmp_path, pb):
         ctl("models", "unload", "k-lab")
         ctl("models", "unload", "tiny")
         assert server.terminate() == 0, server.log_text()
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()

@@ -320,13 +320,7 @@ impl TrainableModel {
         train: bool,
     ) -> Result<(Tensor, i64), TchError> {
         let batch = self.batch_logits(examples, train)?;
-        let loss = batch.predicted.f_cross_entropy_loss(
-            &batch.expected,
-            None::<Tensor>,
-            Reduction::Sum,
-            IGNORED_LABEL,
-            0.0,
-        )?;
+        let loss = batch.cross_entropy_sum()?;
         Ok((loss, batch.targets))
     }
 
@@ -346,13 +340,7 @@ impl TrainableModel {
             let _no_grad = tch::no_grad_guard();
             teacher.batch_logits(examples, false)?.predicted
         };
-        let cross_entropy = batch.predicted.f_cross_entropy_loss(
-            &batch.expected,
-            None::<Tensor>,
-            Reduction::Sum,
-            IGNORED_LABEL,
-            0.0,
-        )?;
+        let cross_entropy = batch.cross_entropy_sum()?;
         let temperature = mix.temperature;
         let student = batch
             .predicted
@@ -495,6 +483,19 @@ struct BatchLogits {
     expected: Tensor,
     /// N.
     targets: i64,
+}
+
+impl BatchLogits {
+    /// The summed next-token cross-entropy.
+    fn cross_entropy_sum(&self) -> Result<Tensor, TchError> {
+        self.predicted.f_cross_entropy_loss(
+            &self.expected,
+            None::<Tensor>,
+            Reduction::Sum,
+            IGNORED_LABEL,
+            0.0,
+        )
+    }
 }
 
 /// A fresh adapter: A (r, in) uniform in ±1/√in (PEFT's Kaiming-uniform

@@ -14,7 +14,7 @@ use medbox_runtime::{
     GenerationEvent, GenerationStream, SamplingParams, debug,
 };
 
-use crate::{Outcome, collect, greedy, max_difference, tiny_model};
+use crate::{Outcome, collect, greedy, max_difference, submit, tiny_model};
 
 /// A LoRA adapter of the tiny model with every weight random (a fresh `B`
 /// is zero and would change nothing), written in PEFT's format.
@@ -62,17 +62,6 @@ fn start_base() -> Engine {
         batching: BatchingConfig::default(),
     })
     .expect("tiny model loads")
-}
-
-fn submit(engine: &Engine, prompt: &str, sampling: SamplingParams) -> GenerationStream {
-    let request = engine
-        .validate(GenerateRequest {
-            prompt: prompt.into(),
-            sampling,
-            constraint: None,
-        })
-        .expect("valid request");
-    engine.submit(request).expect("submitted")
 }
 
 #[test]

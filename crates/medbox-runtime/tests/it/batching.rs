@@ -11,7 +11,7 @@ use medbox_runtime::{
     GenerateRequest, GenerationEvent, GenerationStream, SamplingParams,
 };
 
-use super::{Outcome, collect, greedy, tiny_model};
+use super::{Outcome, collect, greedy, submit, tiny_model};
 
 fn start_with(max_waiting: usize, batching: BatchingConfig) -> Engine {
     Engine::start(EngineConfig {
@@ -23,17 +23,6 @@ fn start_with(max_waiting: usize, batching: BatchingConfig) -> Engine {
         batching,
     })
     .expect("tiny model loads")
-}
-
-fn submit(engine: &Engine, prompt: &str, sampling: SamplingParams) -> GenerationStream {
-    let request = engine
-        .validate(GenerateRequest {
-            prompt: prompt.into(),
-            sampling,
-            constraint: None,
-        })
-        .expect("valid request");
-    engine.submit(request).expect("submitted")
 }
 
 fn seeded(max_tokens: u32, seed: u64) -> SamplingParams {

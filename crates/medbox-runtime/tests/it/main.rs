@@ -101,7 +101,8 @@ fn collect(mut stream: GenerationStream) -> Outcome {
     }
 }
 
-fn generate(engine: &Engine, prompt: &str, sampling: SamplingParams) -> Outcome {
+/// Validates and submits an unconstrained request.
+fn submit(engine: &Engine, prompt: &str, sampling: SamplingParams) -> GenerationStream {
     let request = engine
         .validate(GenerateRequest {
             prompt: prompt.into(),
@@ -109,7 +110,11 @@ fn generate(engine: &Engine, prompt: &str, sampling: SamplingParams) -> Outcome 
             constraint: None,
         })
         .expect("valid request");
-    collect(engine.submit(request).expect("submitted"))
+    engine.submit(request).expect("submitted")
+}
+
+fn generate(engine: &Engine, prompt: &str, sampling: SamplingParams) -> Outcome {
+    collect(submit(engine, prompt, sampling))
 }
 
 fn greedy(max_tokens: u32) -> SamplingParams {
