@@ -18,7 +18,7 @@ use crate::{Outcome, collect, greedy, max_difference, submit, tiny_model};
 
 /// A LoRA adapter of the tiny model with every weight random (a fresh `B`
 /// is zero and would change nothing), written in PEFT's format.
-fn random_adapter(dir: &Path, seed: i64, targets: &[&str]) -> PathBuf {
+pub(crate) fn random_adapter(dir: &Path, seed: i64, targets: &[&str]) -> PathBuf {
     let base = std::fs::canonicalize(tiny_model()).unwrap();
     tch::manual_seed(seed);
     let settings = medbox_runtime::lora::LoraSettings {

@@ -122,27 +122,7 @@ fn lora_adapters_give_peft_logits_both_ways() {
     let base = std::fs::canonicalize(tiny_model()).unwrap();
     // medbox's adapter: fresh A, and B drawn at random too (a fresh B is
     // zero, which would compare nothing).
-    tch::manual_seed(7);
-    let settings = medbox_runtime::lora::LoraSettings {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        target_modules: vec!["all-linear".into()],
-    };
-    let trained = load(&base, Trainable::Lora(settings));
-    {
-        let _no_grad = tch::no_grad_guard();
-        for (name, tensor) in trained.parameters() {
-            if name.ends_with("lora_B") {
-                let random =
-                    tch::Tensor::randn(tensor.size(), (tch::Kind::Float, tch::Device::Cpu)) * 0.05;
-                tensor.shallow_clone().copy_(&random);
-            }
-        }
-    }
-    let written = dir.path().join("medbox-made");
-    std::fs::create_dir_all(&written).unwrap();
-    trained.save_adapter(&written).unwrap();
+    let written = crate::adapters::random_adapter(dir.path(), 7, &["all-linear"]);
 
     let made = dir.path().join("peft-made");
     let output = std::process::Command::new("python3")
