@@ -415,18 +415,18 @@ impl Engine {
             message,
         };
         let base = &self.shared.info.name;
-        let Some(base_dir) = self
-            .shared
-            .base_dir
-            .as_ref()
-            .filter(|_| self.adapter.is_none())
-        else {
+        if self.adapter.is_some() {
+            return Err(wrong_base(format!(
+                "model `{}` is itself an adapter of `{base}`; attach to `{base}`",
+                self.info().name
+            )));
+        }
+        let Some(base_dir) = &self.shared.base_dir else {
             return Err(wrong_base(format!(
                 "model `{base}` serves a merged adapter; adapters attach only to a base model"
             )));
         };
-        let wanted = lora::base_model_dir(dir)?;
-        let wanted = std::fs::canonicalize(&wanted).unwrap_or(wanted);
+        let wanted = canonical_base_dir(dir)?;
         if &wanted != base_dir {
             return Err(wrong_base(format!(
                 "the adapter's base model is `{}`, but model `{base}` serves `{}`",
@@ -463,6 +463,16 @@ impl Engine {
                 commands: self.shared.commands.clone(),
             })),
         })
+    }
+
+    /// Blocking (reads `adapter_config.json`): whether the adapter in `dir`
+    /// was trained on the model this engine serves, so that
+    /// `attach_adapter` would take it.
+    pub fn is_base_of(&self, dir: &Path) -> bool {
+        self.adapter.is_none()
+            && self.shared.base_dir.as_ref().is_some_and(|base_dir| {
+                canonical_base_dir(dir).is_ok_and(|wanted| &wanted == base_dir)
+            })
     }
 
     /// Requests waiting for the engine and sequences it is running now.
@@ -639,6 +649,12 @@ impl Engine {
             warn!("engine thread panicked");
         }
     }
+}
+
+/// The canonical folder of the base model the adapter in `dir` names.
+fn canonical_base_dir(dir: &Path) -> Result<PathBuf, LoadError> {
+    let wanted = lora::base_model_dir(dir)?;
+    Ok(std::fs::canonicalize(&wanted).unwrap_or(wanted))
 }
 
 /// Allocates the KV cache pool from the batching budget. Returns it with

@@ -10,7 +10,6 @@
 //! clone of the engine handle and talk to the engine through its channel.
 
 use std::{
-    path::PathBuf,
     sync::{Arc, RwLock},
     time::Instant,
 };
@@ -274,7 +273,6 @@ impl ModelRouter {
                 {
                     Some(BaseCandidate {
                         name: slot.config.name.clone(),
-                        path: slot.config.path.clone(),
                         engine: engine.clone(),
                     })
                 }
@@ -376,11 +374,11 @@ impl ModelRouter {
     }
 
     /// Stops every engine after its in-flight work; blocking, so called off
-    /// the runtime. Attached adapters are detached before their base stops.
+    /// the runtime. (An engine stops only once its attached adapters'
+    /// sequences are done too, so the order does not matter.)
     pub fn shutdown_engines(&self) {
-        let mut slots = self.write_slots();
-        slots.sort_by_key(|slot| slot.base.is_none());
-        let models: Vec<LoadedModel> = slots
+        let models: Vec<LoadedModel> = self
+            .write_slots()
             .iter_mut()
             .filter_map(|slot| {
                 match std::mem::replace(
@@ -392,7 +390,6 @@ impl ModelRouter {
                 }
             })
             .collect();
-        drop(slots);
         for model in models {
             model.shutdown();
         }
@@ -484,7 +481,6 @@ fn log_outcome(name: &str, state: &ModelState) {
 /// A served model that an adapter being loaded may attach to.
 struct BaseCandidate {
     name: String,
-    path: PathBuf,
     engine: Engine,
 }
 
@@ -492,15 +488,12 @@ struct BaseCandidate {
 /// among `bases`, when `adapter` is a LoRA adapter folder and its base is
 /// served.
 fn find_base(adapter: &std::path::Path, bases: Vec<BaseCandidate>) -> Option<BaseCandidate> {
-    if bases.is_empty() || !medbox_runtime::lora::is_adapter_folder(adapter) {
+    if !medbox_runtime::lora::is_adapter_folder(adapter) {
         return None;
     }
-    let canonical = |path: &std::path::Path| std::fs::canonicalize(path).ok();
-    let wanted = canonical(&medbox_runtime::lora::base_model_dir(adapter).ok()?)?;
-    bases.into_iter().find(|base| {
-        !medbox_runtime::lora::is_adapter_folder(&base.path)
-            && canonical(&base.path).as_ref() == Some(&wanted)
-    })
+    bases
+        .into_iter()
+        .find(|base| base.engine.is_base_of(adapter))
 }
 
 /// Loads `config`: attached to one of `bases` when it is an adapter of a

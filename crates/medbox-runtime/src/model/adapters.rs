@@ -15,7 +15,8 @@ use super::{Linear, Model};
 use crate::error::LoadError;
 use crate::lora::AdapterFile;
 
-/// The decoder block's linear layers, in the order `ServedAdapter` keeps them.
+/// The decoder block's linear layers, in the order `ServedAdapter` keeps
+/// them (and the trainer lists them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Projection {
     Q,
@@ -28,7 +29,7 @@ pub(crate) enum Projection {
 }
 
 impl Projection {
-    const ALL: [Projection; 7] = [
+    pub(crate) const ALL: [Projection; 7] = [
         Projection::Q,
         Projection::K,
         Projection::V,
@@ -39,7 +40,7 @@ impl Projection {
     ];
 
     /// The module's name within a block, as PEFT writes it.
-    fn module(self) -> &'static str {
+    pub(crate) fn module(self) -> &'static str {
         match self {
             Projection::Q => "self_attn.q_proj",
             Projection::K => "self_attn.k_proj",

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use tch::{Kind, TchError, Tensor};
 
-use super::{Attention, Block, Linear, LinearWeight, Mlp, Model, RmsNorm};
+use super::{Attention, Block, Linear, LinearWeight, Mlp, Model, Projection, RmsNorm};
 
 /// One LoRA adapter on a linear layer: `y = W x + scale · B (A dropout(x))`.
 pub(crate) struct LoraPair {
@@ -258,21 +258,11 @@ impl Model {
     pub(crate) fn linear_modules(&self) -> Vec<LinearModule> {
         let mut modules = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
-            let attention = &layer.self_attn;
-            let mlp = &layer.mlp;
-            for (name, linear) in [
-                ("self_attn.q_proj", &attention.q_proj),
-                ("self_attn.k_proj", &attention.k_proj),
-                ("self_attn.v_proj", &attention.v_proj),
-                ("self_attn.o_proj", &attention.o_proj),
-                ("mlp.gate_proj", &mlp.gate_proj),
-                ("mlp.up_proj", &mlp.up_proj),
-                ("mlp.down_proj", &mlp.down_proj),
-            ] {
-                if let Some(weight) = linear.dense_weight() {
+            for projection in Projection::ALL {
+                if let Some(weight) = layer.linear(projection).dense_weight() {
                     let size = weight.size();
                     modules.push(LinearModule {
-                        name: format!("model.layers.{index}.{name}"),
+                        name: format!("model.layers.{index}.{}", projection.module()),
                         in_features: size[1],
                         out_features: size[0],
                     });
