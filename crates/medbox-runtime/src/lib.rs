@@ -67,6 +67,7 @@ mod kv_blocks;
 mod loader;
 pub mod lora;
 mod matmul_policy;
+mod matvec;
 mod model;
 mod model_thread;
 mod reasoning;

@@ -1,86 +1,208 @@
-//! Which kernel a reduced-precision linear layer uses, by the number of rows
-//! it multiplies at once.
+//! Which kernel a linear layer uses, by the number of rows it multiplies
+//! at once.
 //!
-//! On a CPU with native bf16 arithmetic (AVX-512 BF16, AMX) libtorch's bf16
-//! matrix products are fast at every size. On one without (AVX2 only), its
-//! bf16 matrix-*vector* product is still the fastest way to decode one
-//! stream (it reads half the bytes of f32), but its bf16 matrix-*matrix*
-//! product falls back to a slow generic kernel: a 512-token bf16 prefill ran
-//! at a fifth of the f32 speed on such a machine. There, products of many
-//! rows convert the weights to f32 for the call and use the f32 kernel.
+//! - A decode step multiplies few rows (one per running sequence) and reads
+//!   every weight from memory: there `matvec`'s products are the fastest on
+//!   an x86-64 CPU with AVX2 (1.5× to 8× libtorch on the bench model, by
+//!   dtype; libtorch's int8 weight-only kernel is slower than f32 on such a
+//!   CPU).
+//! - On a CPU without native bf16 arithmetic (AVX2 only), libtorch's bf16
+//!   matrix-*matrix* product falls back to a slow generic kernel: a 512-token
+//!   bf16 prefill ran at a fifth of the f32 speed on such a machine. There,
+//!   products of many rows convert the weights to f32 for the call and use
+//!   the f32 kernel. int8 weights are converted likewise.
 //!
-//! Where the cross-over lies depends on the machine, so it is measured once
-//! at load on a layer of the model's own shape; the result is logged.
+//! Where the cross-overs lie depends on the machine, so they are measured
+//! once at load on a layer of the model's own shape; the result is logged.
 
 use std::time::{Duration, Instant};
 
 use tch::{Kind, TchError, Tensor};
 
-/// Row counts tried, in order; the first at which f32 wins sets the policy.
-const CANDIDATE_ROWS: [i64; 6] = [2, 4, 8, 16, 32, 64];
-/// f32 must beat the native kernel by this factor to be chosen, so that
-/// timing noise does not flip a near tie.
+use crate::matvec;
+
+/// Row counts tried, in order; the first at which f32 wins sets the
+/// upcast policy.
+const UPCAST_CANDIDATE_ROWS: [i64; 6] = [2, 4, 8, 16, 32, 64];
+/// Up to this many rows `matvec` is used without measuring: it reads each
+/// weight once for all of them, where libtorch's kernels read them once per
+/// row or run at a fraction of the bandwidth.
+const MATVEC_ALWAYS_ROWS: i64 = 4;
+/// Larger row counts at which `matvec` is measured against libtorch; the
+/// first one it loses sets its limit.
+const MATVEC_CANDIDATE_ROWS: [i64; 4] = [8, 16, 32, 64];
+/// A kernel must beat the other by this factor to be chosen, so that timing
+/// noise does not flip a near tie.
 const MARGIN: f64 = 0.85;
 /// Timed repetitions per kernel and size (the best one counts).
 const REPETITIONS: usize = 3;
 
-/// From how many rows a bf16/f16 linear layer computes in f32.
+/// The kernel choice of a model's linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MatmulPolicy {
+    /// Up to how many rows `matvec` computes the product (0: never).
+    matvec_up_to_rows: i64,
+    /// From how many rows a bf16/f16 product computes in f32.
     upcast_from_rows: i64,
 }
 
+/// What computes one product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// `matvec::linear`, in f32 from the stored weights.
+    Matvec,
+    /// libtorch, with reduced-precision weights converted to f32 for the call.
+    Upcast,
+    /// libtorch in the weights' own dtype (int8: its weight-only kernel).
+    Native,
+}
+
 impl MatmulPolicy {
-    /// Always the native kernel of the weights' dtype.
+    /// Always libtorch in the weights' dtype.
     pub(crate) const NATIVE: MatmulPolicy = MatmulPolicy {
+        matvec_up_to_rows: 0,
         upcast_from_rows: i64::MAX,
     };
 
-    /// Measures, for weights of `kind` shaped (`out_features`, `in_features`)
-    /// on `device`, from how many rows the f32 kernel (weights converted for
-    /// the call) beats the native one. Only bf16 and f16 on the CPU are
-    /// measured; everything else keeps [`MatmulPolicy::NATIVE`].
+    /// Measures the policy for weights stored as `weight_kind` (`Int8` for
+    /// weight-only int8) shaped (`out_features`, `in_features`), multiplied
+    /// by activations of `kind` on `device`. Only the CPU is measured;
+    /// elsewhere the policy is [`MatmulPolicy::NATIVE`].
     pub(crate) fn calibrate(
+        weight_kind: Kind,
         kind: Kind,
         device: tch::Device,
         in_features: usize,
         out_features: usize,
     ) -> Result<MatmulPolicy, TchError> {
-        if device != tch::Device::Cpu || !matches!(kind, Kind::BFloat16 | Kind::Half) {
+        if device != tch::Device::Cpu {
             return Ok(MatmulPolicy::NATIVE);
         }
         let _guard = tch::no_grad_guard();
-        let options = (kind, device);
-        let weight = Tensor::f_randn([out_features as i64, in_features as i64], options)?
-            .f_div_scalar((in_features as f64).sqrt())?;
-        for rows in CANDIDATE_ROWS {
-            let xs = Tensor::f_randn([rows, in_features as i64], options)?;
-            let native = fastest(|| xs.f_linear(&weight, None::<Tensor>).map(drop))?;
-            let upcast = fastest(|| upcast_linear(&xs, &weight, None).map(drop))?;
-            if upcast.as_secs_f64() < MARGIN * native.as_secs_f64() {
-                tracing::info!(
-                    ?kind,
-                    rows,
-                    native_us = native.as_micros() as u64,
-                    f32_us = upcast.as_micros() as u64,
-                    "matrix products of this many rows or more run in f32 on this CPU"
-                );
-                return Ok(MatmulPolicy {
-                    upcast_from_rows: rows,
-                });
+        let dense = Tensor::f_randn(
+            [out_features as i64, in_features as i64],
+            (Kind::Float, device),
+        )?
+        .f_div_scalar((in_features as f64).sqrt())?;
+        let (weight, scales) = if weight_kind == Kind::Int8 {
+            let (values, scales) = quantize_rows(&dense)?;
+            (values, Some(scales))
+        } else {
+            (dense.f_to_kind(weight_kind)?, None)
+        };
+        let mut policy = MatmulPolicy::NATIVE;
+        if matches!(weight_kind, Kind::BFloat16 | Kind::Half) {
+            policy.upcast_from_rows = upcast_cross_over(&weight, in_features)?;
+        }
+        if matvec::accelerated() && matvec::supports(weight_kind) {
+            policy.matvec_up_to_rows = MATVEC_ALWAYS_ROWS;
+            for rows in MATVEC_CANDIDATE_ROWS {
+                let xs = Tensor::f_randn([rows, in_features as i64], (kind, device))?;
+                let ours = fastest(|| matvec::linear(&xs, &weight, scales.as_ref()).map(drop))?;
+                let theirs = fastest(|| {
+                    policy
+                        .libtorch(&xs, &weight, scales.as_ref(), None, rows)
+                        .map(drop)
+                })?;
+                if ours.as_secs_f64() >= theirs.as_secs_f64() / MARGIN {
+                    break;
+                }
+                policy.matvec_up_to_rows = rows;
             }
         }
         tracing::info!(
-            ?kind,
-            "the native kernel is the fastest at every batch size"
+            ?weight_kind,
+            matvec_up_to_rows = policy.matvec_up_to_rows,
+            upcast_from_rows =
+                (policy.upcast_from_rows != i64::MAX).then_some(policy.upcast_from_rows),
+            "linear-layer kernels chosen for this CPU"
         );
-        Ok(MatmulPolicy::NATIVE)
+        Ok(policy)
     }
 
-    /// Whether a product of `rows` rows runs in f32.
-    pub(crate) fn upcasts(self, rows: i64) -> bool {
-        rows >= self.upcast_from_rows
+    /// The kernel for a product of `rows` rows.
+    pub(crate) fn kernel(self, rows: i64) -> Kernel {
+        if rows <= self.matvec_up_to_rows {
+            Kernel::Matvec
+        } else if rows >= self.upcast_from_rows {
+            Kernel::Upcast
+        } else {
+            Kernel::Native
+        }
     }
+
+    /// The product through libtorch, as this policy chooses for `rows`
+    /// rows (never `matvec`).
+    pub(crate) fn libtorch(
+        self,
+        xs: &Tensor,
+        weight: &Tensor,
+        scales: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        rows: i64,
+    ) -> Result<Tensor, TchError> {
+        let Some(scales) = scales else {
+            return if rows >= self.upcast_from_rows {
+                upcast_linear(xs, weight, bias)
+            } else {
+                xs.f_linear(weight, bias)
+            };
+        };
+        // libtorch's int8 kernel is a matrix-vector product: its cost grows
+        // with the rows, so a prefill chunk or a big batch dequantizes the
+        // weights once and multiplies densely.
+        let kind = xs.f_kind()?;
+        let out = if rows <= INT8_KERNEL_MAX_ROWS {
+            xs.f_contiguous()?
+                .f_internal_weight_int8pack_mm(weight, scales)?
+        } else {
+            let dense = weight
+                .f_to_kind(kind)?
+                .f_mul(&scales.f_unsqueeze(1)?.f_to_kind(kind)?)?;
+            xs.f_linear(&dense, None::<Tensor>)?
+        };
+        match bias {
+            Some(bias) => out.f_add(bias),
+            None => Ok(out),
+        }
+    }
+}
+
+/// Rows (tokens in one step) up to which libtorch's int8 kernel is used.
+const INT8_KERNEL_MAX_ROWS: i64 = 4;
+
+/// Symmetric per-output-channel int8 of an f32 weight: each row's scale
+/// maps its largest magnitude to 127. Returns the int8 values and the f32
+/// scales (`w ≈ q · scale`).
+pub(crate) fn quantize_rows(weight: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+    let weight = weight.f_to_kind(Kind::Float)?;
+    let scales = weight
+        .f_abs()?
+        .f_amax([1i64].as_slice(), false)?
+        .f_clamp_min(1e-12)?
+        .f_div_scalar(127.0)?;
+    let quantized = weight
+        .f_div(&scales.f_unsqueeze(1)?)?
+        .f_round()?
+        .f_clamp(-127.0, 127.0)?
+        .f_to_kind(Kind::Int8)?
+        .f_contiguous()?;
+    Ok((quantized, scales))
+}
+
+/// From how many rows the f32 kernel (weights converted per call) beats
+/// libtorch's native reduced-precision one.
+fn upcast_cross_over(weight: &Tensor, in_features: usize) -> Result<i64, TchError> {
+    let options = (weight.f_kind()?, weight.device());
+    for rows in UPCAST_CANDIDATE_ROWS {
+        let xs = Tensor::f_randn([rows, in_features as i64], options)?;
+        let native = fastest(|| xs.f_linear(weight, None::<Tensor>).map(drop))?;
+        let upcast = fastest(|| upcast_linear(&xs, weight, None).map(drop))?;
+        if upcast.as_secs_f64() < MARGIN * native.as_secs_f64() {
+            return Ok(rows);
+        }
+    }
+    Ok(i64::MAX)
 }
 
 /// `xs · weightᵀ + bias` computed in f32 and returned in `xs`'s kind.
@@ -112,12 +234,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_reduced_precision_on_the_cpu_is_calibrated() {
-        for kind in [Kind::Float, Kind::Double] {
-            let policy = MatmulPolicy::calibrate(kind, tch::Device::Cpu, 8, 8).unwrap();
-            assert_eq!(policy, MatmulPolicy::NATIVE);
+    fn few_rows_use_matvec_and_only_reduced_precision_upcasts() {
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Int8] {
+            let activations = if kind == Kind::Int8 {
+                Kind::Float
+            } else {
+                kind
+            };
+            let policy =
+                MatmulPolicy::calibrate(kind, activations, tch::Device::Cpu, 64, 64).unwrap();
+            let expected = if matvec::accelerated() {
+                Kernel::Matvec
+            } else {
+                Kernel::Native
+            };
+            assert_eq!(policy.kernel(1), expected, "{kind:?}");
+            assert_eq!(policy.kernel(MATVEC_ALWAYS_ROWS), expected, "{kind:?}");
+            if kind != Kind::BFloat16 {
+                assert_ne!(policy.kernel(1 << 40), Kernel::Upcast, "{kind:?}");
+            }
         }
-        assert!(!MatmulPolicy::NATIVE.upcasts(1 << 40));
+        let double = MatmulPolicy::calibrate(Kind::Double, Kind::Double, tch::Device::Cpu, 8, 8);
+        assert_eq!(double.unwrap(), MatmulPolicy::NATIVE);
+        assert_eq!(MatmulPolicy::NATIVE.kernel(1), Kernel::Native);
+        assert_eq!(MatmulPolicy::NATIVE.kernel(1 << 40), Kernel::Native);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use tch::{Kind, TchError, Tensor};
 
 use crate::config::{DecoderSettings, RopeScaling};
 use crate::error::LoadError;
-use crate::matmul_policy::{MatmulPolicy, upcast_linear};
+use crate::matmul_policy::{Kernel, MatmulPolicy, quantize_rows};
+use crate::matvec;
 use crate::weights::Weights;
 
 /// Root-mean-square norm, computed in f32 as transformers does.
@@ -106,55 +107,30 @@ impl Linear {
         // Rows of the product: every leading dimension (a training batch is
         // (B, L, E)).
         let rows = xs.numel() as i64 / xs.size().last().copied().unwrap_or(1).max(1);
-        match &self.weight {
-            LinearWeight::Dense(weight) if self.policy.upcasts(rows) => {
-                upcast_linear(xs, weight, self.bias.as_ref())
-            }
-            LinearWeight::Dense(weight) => xs.f_linear(weight, self.bias.as_ref()),
-            LinearWeight::Int8 { weight, scales } => {
-                // libtorch's int8 kernel is a matrix-vector product: its cost
-                // grows with the rows, so a prefill chunk or a big batch
-                // dequantizes the weights once and multiplies densely.
-                let out = if rows <= INT8_KERNEL_MAX_ROWS {
-                    xs.f_contiguous()?
-                        .f_internal_weight_int8pack_mm(weight, scales)?
-                } else {
-                    let dense = weight
-                        .f_to_kind(xs.f_kind()?)?
-                        .f_mul(&scales.f_unsqueeze(1)?.f_to_kind(xs.f_kind()?)?)?;
-                    xs.f_linear(&dense, None::<Tensor>)?
-                };
-                match &self.bias {
-                    Some(bias) => out.f_add(bias),
-                    None => Ok(out),
-                }
-            }
+        let (weight, scales) = match &self.weight {
+            LinearWeight::Dense(weight) => (weight, None),
+            LinearWeight::Int8 { weight, scales } => (weight, Some(scales)),
+        };
+        // `matvec` has no gradient: training passes that need one go
+        // through libtorch.
+        if self.policy.kernel(rows) == Kernel::Matvec
+            && !xs.requires_grad()
+            && !weight.requires_grad()
+        {
+            let out = matvec::linear(xs, weight, scales)?;
+            return match &self.bias {
+                Some(bias) => out.f_add(bias),
+                None => Ok(out),
+            };
         }
+        self.policy
+            .libtorch(xs, weight, scales, self.bias.as_ref(), rows)
     }
 }
 
-/// Rows (tokens in one step) up to which the int8 kernel is used.
-const INT8_KERNEL_MAX_ROWS: i64 = 4;
-
-/// Symmetric per-output-channel int8: each row's scale maps its largest
-/// magnitude to 127.
 fn quantize(weight: &Tensor) -> Result<LinearWeight, TchError> {
-    let weight = weight.f_to_kind(Kind::Float)?;
-    let scales = weight
-        .f_abs()?
-        .f_amax([1i64].as_slice(), false)?
-        .f_clamp_min(1e-12)?
-        .f_div_scalar(127.0)?;
-    let quantized = weight
-        .f_div(&scales.f_unsqueeze(1)?)?
-        .f_round()?
-        .f_clamp(-127.0, 127.0)?
-        .f_to_kind(Kind::Int8)?
-        .f_contiguous()?;
-    Ok(LinearWeight::Int8 {
-        weight: quantized,
-        scales,
-    })
+    let (weight, scales) = quantize_rows(weight)?;
+    Ok(LinearWeight::Int8 { weight, scales })
 }
 
 /// Precomputed cos and sin tables for every position up to the context.
@@ -585,12 +561,23 @@ impl Model {
     ) -> Result<Self, LoadError> {
         let (vocab, hidden) = (settings.vocab_size, settings.hidden_size);
         // The MLP's up projection is the model's typical product.
-        let policy = MatmulPolicy::calibrate(kind, device, hidden, settings.intermediate_size)
-            .map_err(|error| LoadError::Tensor {
-                path: "model weights".into(),
-                tensor: "kernel calibration".into(),
-                message: error.to_string(),
-            })?;
+        let weight_kind = if weights.quantize_linears() {
+            Kind::Int8
+        } else {
+            kind
+        };
+        let policy = MatmulPolicy::calibrate(
+            weight_kind,
+            kind,
+            device,
+            hidden,
+            settings.intermediate_size,
+        )
+        .map_err(|error| LoadError::Tensor {
+            path: "model weights".into(),
+            tensor: "kernel calibration".into(),
+            message: error.to_string(),
+        })?;
         weights.set_matmul_policy(policy);
         let embed_tokens = weights.get("model.embed_tokens.weight", &[vocab, hidden])?;
         let layers = (0..settings.num_hidden_layers)

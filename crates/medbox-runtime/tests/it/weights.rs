@@ -75,33 +75,24 @@ fn int8_weights_keep_the_f32_logits() {
     assert_eq!(ids.len(), 256);
     engine.shutdown();
     let full = debug::prompt_logits(tiny_model(), DType::F32, Device::Cpu, &ids, 256).unwrap();
-    let int8 = debug::prompt_logits(tiny_model(), DType::Int8, Device::Cpu, &ids, 256).unwrap();
-    let argmax = |row: &[f32]| {
-        row.iter()
-            .enumerate()
-            .max_by(|left, right| left.1.total_cmp(right.1))
-            .map(|(index, _)| index)
-    };
-    let mut min_cosine = f64::MAX;
-    let mut agree = 0;
-    for (exact, quantized) in full.iter().zip(&int8) {
-        let dot: f64 = exact
-            .iter()
-            .zip(quantized)
-            .map(|(a, b)| f64::from(*a) * f64::from(*b))
-            .sum();
-        let norm = |row: &[f32]| {
-            row.iter()
-                .map(|x| f64::from(*x).powi(2))
-                .sum::<f64>()
-                .sqrt()
-        };
-        min_cosine = min_cosine.min(dot / (norm(exact) * norm(quantized)));
-        agree += usize::from(argmax(exact) == argmax(quantized));
+    // One prefill (libtorch's kernels) and token by token (the decode
+    // step's own products, `matvec` on the CPU).
+    for chunk in [256, 1] {
+        let int8 =
+            debug::prompt_logits(tiny_model(), DType::Int8, Device::Cpu, &ids, chunk).unwrap();
+        let (min_cosine, agree) = agreement(&full, &int8);
+        eprintln!(
+            "int8 vs f32, chunk {chunk}: min cosine {min_cosine:.5}, top-1 agreement {agree}/256"
+        );
+        assert!(
+            min_cosine >= 0.999,
+            "chunk {chunk}: min cosine {min_cosine}"
+        );
+        assert!(
+            agree * 10 >= 256 * 9,
+            "chunk {chunk}: top-1 agreement {agree}/256"
+        );
     }
-    eprintln!("int8 vs f32: min cosine {min_cosine:.5}, top-1 agreement {agree}/256");
-    assert!(min_cosine >= 0.999, "min cosine {min_cosine}");
-    assert!(agree * 10 >= 256 * 9, "top-1 agreement {agree}/256");
 
     let engine = Engine::start(EngineConfig {
         name: "tiny".into(),
@@ -114,4 +105,33 @@ fn int8_weights_keep_the_f32_logits() {
     .unwrap();
     assert_eq!(engine.info().dtype, DType::Int8);
     assert_eq!(generate(&engine, PROMPT, greedy(8)).token_ids.len(), 8);
+}
+
+/// The lowest cosine between matching logit rows, and at how many rows the
+/// top token is the same.
+fn agreement(exact: &[Vec<f32>], approximate: &[Vec<f32>]) -> (f64, usize) {
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|left, right| left.1.total_cmp(right.1))
+            .map(|(index, _)| index)
+    };
+    let norm = |row: &[f32]| {
+        row.iter()
+            .map(|x| f64::from(*x).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let mut min_cosine = f64::MAX;
+    let mut agree = 0;
+    for (exact, approximate) in exact.iter().zip(approximate) {
+        let dot: f64 = exact
+            .iter()
+            .zip(approximate)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        min_cosine = min_cosine.min(dot / (norm(exact) * norm(approximate)));
+        agree += usize::from(argmax(exact) == argmax(approximate));
+    }
+    (min_cosine, agree)
 }
