@@ -12,6 +12,10 @@
 //! - `model`: the decoder (`RmsNorm`, `RotaryEmbedding`, `KvCache`,
 //!   `Attention`, `Mlp`, `Block`, `Model`), one implementation driven by
 //!   config for Llama, Mistral, Qwen2 and Qwen3.
+//! - `matmul_policy`, `matvec`: which kernel multiplies a linear layer, by
+//!   the number of rows, measured at load; `matvec` is the decode step's
+//!   own product on the CPU (AVX2 loops on libtorch's OpenMP team, f32, bf16
+//!   and int8 weights read once per step for every row).
 //! - `loader`: a model folder → checked model, tokenizer and `ModelInfo`.
 //! - `validation`: `GenerateRequest` → `ValidGenerateRequest`.
 //! - `chat`, `reasoning`: chat prompts rendered with the model's own Jinja

@@ -333,16 +333,18 @@ mod kernel {
     fn dot<W: Element>(weight: &[W], group: &[&[f32]], scale: f32, targets: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if avx2::detected() {
+            // Every row count unrolls by the same `UNROLL`, so a row's sum
+            // is the same operations whatever the other rows are.
             match group {
                 // SAFETY: AVX2 and FMA are present (checked above); every
                 // input row has the weight's length (`rows` cut them so).
-                [a] => return unsafe { avx2::dot::<W, 1, 4>(weight, [a], scale, targets) },
-                [a, b] => return unsafe { avx2::dot::<W, 2, 2>(weight, [a, b], scale, targets) },
+                [a] => return unsafe { avx2::dot::<W, 1>(weight, [a], scale, targets) },
+                [a, b] => return unsafe { avx2::dot::<W, 2>(weight, [a, b], scale, targets) },
                 [a, b, c] => {
-                    return unsafe { avx2::dot::<W, 3, 1>(weight, [a, b, c], scale, targets) };
+                    return unsafe { avx2::dot::<W, 3>(weight, [a, b, c], scale, targets) };
                 }
                 [a, b, c, d] => {
-                    return unsafe { avx2::dot::<W, 4, 1>(weight, [a, b, c, d], scale, targets) };
+                    return unsafe { avx2::dot::<W, 4>(weight, [a, b, c, d], scale, targets) };
                 }
                 _ => {}
             }
@@ -390,9 +392,12 @@ mod kernel {
             out
         }
 
-        /// `U` blocks per iteration, each with accumulators of its own, so
-        /// that a few rows still keep enough independent multiply-adds in
-        /// flight.
+        /// Blocks per iteration, each with accumulators of its own, so that
+        /// one row still keeps enough independent multiply-adds in flight.
+        const UNROLL: usize = 2;
+
+        /// `targets[r] = scale · Σᵢ weight[i] · inputs[r][i]` for `R` rows;
+        /// each block of weights is widened once for all of them.
         ///
         /// # Safety
         /// AVX2 and FMA are present, and every input has `weight.len()`
@@ -401,7 +406,7 @@ mod kernel {
         // accumulators alike.
         #[allow(clippy::needless_range_loop)]
         #[target_feature(enable = "avx2,fma")]
-        pub(super) unsafe fn dot<W: Element, const R: usize, const U: usize>(
+        pub(super) unsafe fn dot<W: Element, const R: usize>(
             weight: &[W],
             inputs: [&[f32]; R],
             scale: f32,
@@ -409,10 +414,10 @@ mod kernel {
         ) {
             let n = weight.len();
             let blocks = n / BLOCK;
-            let mut sums = [[[_mm256_setzero_ps(); 2]; U]; R];
+            let mut sums = [[[_mm256_setzero_ps(); 2]; UNROLL]; R];
             let mut block = 0;
-            while block + U <= blocks {
-                for u in 0..U {
+            while block + UNROLL <= blocks {
+                for u in 0..UNROLL {
                     // SAFETY: block + u < n / 16, and each input has n
                     // elements.
                     unsafe {
@@ -425,7 +430,7 @@ mod kernel {
                         }
                     }
                 }
-                block += U;
+                block += UNROLL;
             }
             while block < blocks {
                 // SAFETY: as above.
@@ -605,6 +610,28 @@ mod tests {
             let expected = reference(&xs, &dequantized);
             let got = linear(&xs, &values, Some(&scales)).unwrap();
             assert!(max_difference(&got, &expected) < 1e-2, "int8, {rows} rows");
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_or_among_others() {
+        tch::manual_seed(11);
+        // 1000 inputs: an odd number of blocks and a tail.
+        let xs = Tensor::randn([7, 1000], (Kind::Float, tch::Device::Cpu));
+        let weight = Tensor::randn([300, 1000], (Kind::Float, tch::Device::Cpu));
+        let scales = Tensor::rand([300], (Kind::Float, tch::Device::Cpu)) + 0.5;
+        let int8 = (&weight * 20).clamp(-127, 127).to_kind(Kind::Int8);
+        let bf16 = weight.to_kind(Kind::BFloat16);
+        for (weight, scales) in [(&weight, None), (&bf16, None), (&int8, Some(&scales))] {
+            let together = linear(&xs, weight, scales).unwrap();
+            for row in 0..7 {
+                let alone = linear(&xs.narrow(0, row, 1), weight, scales).unwrap();
+                let pair = linear(&xs.narrow(0, row.min(5), 2), weight, scales).unwrap();
+                let among = together.narrow(0, row, 1);
+                assert!(alone.equal(&among), "{:?}, row {row}", weight.kind());
+                let in_pair = pair.narrow(0, row - row.min(5), 1);
+                assert!(alone.equal(&in_pair), "{:?}, row {row}", weight.kind());
+            }
         }
     }
 
