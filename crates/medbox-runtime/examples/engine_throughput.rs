@@ -1,5 +1,6 @@
 //! The engine alone, without gRPC: decode speed of one stream and total
-//! speed of N concurrent streams, for tuning the batching loop.
+//! speed of N concurrent streams, for tuning the batching loop; then one
+//! stream with the benchmark's JSON-schema constraint against one without.
 //! `scripts/bench.sh` is the benchmark of record (through gRPC, against
 //! transformers); this one isolates the engine.
 //!
@@ -11,11 +12,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use medbox_runtime::{
-    BatchingConfig, DType, Device, Engine, EngineConfig, GenerateRequest, GenerationEvent,
-    SamplingParams,
+    BatchingConfig, Constraint, DType, Device, Engine, EngineConfig, GenerateRequest,
+    GenerationEvent, SamplingParams,
 };
 
 const NEW_TOKENS: u32 = 128;
+/// The schema of `scripts/bench/json_constraint.py`: a triage note whose
+/// list of findings is long enough that 128 tokens end inside it.
+const SCHEMA: &str = r#"{"type": "object", "properties": {"patient_id": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 120}, "triage": {"enum": ["red", "orange", "yellow", "green", "blue"]}, "ward": {"type": "string", "maxLength": 24}, "findings": {"type": "array", "items": {"type": "string", "maxLength": 40}, "minItems": 64}}, "required": ["patient_id", "age", "triage", "ward", "findings"], "additionalProperties": false}"#;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut arguments = std::env::args().skip(1);
@@ -38,15 +42,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         batching: BatchingConfig::default(),
     })?;
     let prompt = "Discharge summary: the patient was admitted with chest pain and ".repeat(4);
-    run(&engine, &prompt, 1)?; // warm-up
+    run(&engine, &prompt, 1, None)?; // warm-up
     println!("model {} dtype {dtype}", engine.info().name);
     for count in streams {
-        let (first_token, decode, total) = run(&engine, &prompt, count)?;
+        let (first_token, decode, total) = run(&engine, &prompt, count, None)?;
         println!(
             "{count:>3} streams: first token {:>7.1} ms, decode {:>7.1} tok/s per stream, {:>7.1} tok/s total",
             first_token * 1e3,
             decode,
             total
+        );
+    }
+    let json = Constraint::JsonSchema(SCHEMA.into());
+    for _ in 0..3 {
+        let (_, free, _) = run(&engine, &prompt, 1, None)?;
+        let (_, constrained, _) = run(&engine, &prompt, 1, Some(json.clone()))?;
+        println!(
+            "  1 stream, JSON schema: decode {constrained:>7.1} tok/s against {free:>7.1} \
+             unconstrained ({:.2}×)",
+            constrained / free
         );
     }
     Ok(())
@@ -58,6 +72,7 @@ fn run(
     engine: &Engine,
     prompt: &str,
     count: usize,
+    constraint: Option<Constraint>,
 ) -> Result<(f64, f64, f64), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -70,7 +85,7 @@ fn run(
                 ignore_eos: true,
                 ..SamplingParams::default()
             },
-            constraint: None,
+            constraint: constraint.clone(),
         })?;
         let mut stream = engine.submit(request)?;
         handles.push(std::thread::spawn(move || {

@@ -12,6 +12,7 @@ use crate::config::{DType, Device, GenerationConfig, ModelConfig, ModelFiles, To
 use crate::constraint::ConstraintCompiler;
 use crate::error::LoadError;
 use crate::lora::MergeDeltas;
+use crate::matmul_policy::KernelChoice;
 use crate::model::Model;
 use crate::validation::Validator;
 use crate::weights::Weights;
@@ -126,7 +127,13 @@ pub(crate) fn load(
     if let Some(adapter) = adapter {
         weights = weights.with_adapter(adapter);
     }
-    let model = Model::load(&weights, settings, dtype.kind(), device.to_tch())?;
+    let model = Model::load(
+        &weights,
+        settings,
+        dtype.kind(),
+        device.to_tch(),
+        KernelChoice::Measured,
+    )?;
     if let Some(unused) = weights.unused_adapter_weights().first() {
         return Err(LoadError::MissingTensor {
             path: dir.to_path_buf(),

@@ -46,6 +46,18 @@ pub(crate) struct MatmulPolicy {
     upcast_from_rows: i64,
 }
 
+/// How a model's kernels are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KernelChoice {
+    /// The fastest on this machine, measured at load ([`MatmulPolicy::calibrate`]).
+    Measured,
+    /// Always libtorch in the weights' dtype ([`MatmulPolicy::NATIVE`]), so
+    /// that the same inputs give the same bits in every process: training,
+    /// whose resumed runs repeat the uninterrupted losses exactly, uses it.
+    /// A measured policy can differ between two loads by timing noise.
+    Reproducible,
+}
+
 /// What computes one product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {

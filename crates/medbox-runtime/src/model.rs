@@ -16,7 +16,7 @@ use tch::{Kind, TchError, Tensor};
 
 use crate::config::{DecoderSettings, RopeScaling};
 use crate::error::LoadError;
-use crate::matmul_policy::{Kernel, MatmulPolicy, quantize_rows};
+use crate::matmul_policy::{Kernel, KernelChoice, MatmulPolicy, quantize_rows};
 use crate::matvec;
 use crate::weights::Weights;
 
@@ -558,26 +558,30 @@ impl Model {
         settings: &DecoderSettings,
         kind: Kind,
         device: tch::Device,
+        kernels: KernelChoice,
     ) -> Result<Self, LoadError> {
         let (vocab, hidden) = (settings.vocab_size, settings.hidden_size);
-        // The MLP's up projection is the model's typical product.
         let weight_kind = if weights.quantize_linears() {
             Kind::Int8
         } else {
             kind
         };
-        let policy = MatmulPolicy::calibrate(
-            weight_kind,
-            kind,
-            device,
-            hidden,
-            settings.intermediate_size,
-        )
-        .map_err(|error| LoadError::Tensor {
-            path: "model weights".into(),
-            tensor: "kernel calibration".into(),
-            message: error.to_string(),
-        })?;
+        let policy = match kernels {
+            // The MLP's up projection is the model's typical product.
+            KernelChoice::Measured => MatmulPolicy::calibrate(
+                weight_kind,
+                kind,
+                device,
+                hidden,
+                settings.intermediate_size,
+            )
+            .map_err(|error| LoadError::Tensor {
+                path: "model weights".into(),
+                tensor: "kernel calibration".into(),
+                message: error.to_string(),
+            })?,
+            KernelChoice::Reproducible => MatmulPolicy::NATIVE,
+        };
         weights.set_matmul_policy(policy);
         let embed_tokens = weights.get("model.embed_tokens.weight", &[vocab, hidden])?;
         let layers = (0..settings.num_hidden_layers)

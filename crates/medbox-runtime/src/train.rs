@@ -20,6 +20,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::{DType, Device};
 use crate::error::LoadError;
 use crate::lora::{AdapterWriteError, LoraSettings, write_adapter};
+use crate::matmul_policy::KernelChoice;
 use crate::model::{LoraPair, Model, TrainingPass};
 use crate::weights::Weights;
 
@@ -140,7 +141,15 @@ impl TrainableModel {
         let (model, adapters, parameters, lora) = {
             let _no_grad = tch::no_grad_guard();
             let weights = Weights::read(dir, options.dtype, device)?;
-            let model = Model::load(&weights, &metadata.settings, options.dtype.kind(), device)?;
+            // Reproducible kernels: a resumed job repeats the uninterrupted
+            // one's losses to the last bit.
+            let model = Model::load(
+                &weights,
+                &metadata.settings,
+                options.dtype.kind(),
+                device,
+                KernelChoice::Reproducible,
+            )?;
             let tensor_error = |tensor: &str, error: TchError| LoadError::Tensor {
                 path: dir.to_path_buf(),
                 tensor: tensor.to_owned(),
